@@ -1,0 +1,473 @@
+//! A network-namespace lab in the style of WireGuard's `netns.sh`.
+//!
+//! One namespace for the server with a bridge at 198.18.0.1/24, one namespace
+//! per client at 198.18.0.(10+i)/24, joined by veth pairs. Every name carries
+//! the process id and a counter, so labs never collide. Dropping the lab kills
+//! its processes (by PID) and deletes its namespaces.
+//!
+//! Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip`, and for most uses
+//! `ping` and `iperf3`.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::certs::{self, CertFiles};
+
+/// The server's underlay address.
+pub const SERVER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The default tunnel address of the server.
+pub const SERVER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+/// Tokens the lab's default server accepts.
+pub const TOKENS: [&str; 2] = ["lab-token-1", "lab-token-2"];
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A handle to a process started in the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcId(usize);
+
+struct Proc {
+    label: String,
+    child: Child,
+    log: PathBuf,
+    exited: Option<std::process::ExitStatus>,
+}
+
+/// The lab. See the module docs.
+pub struct Lab {
+    prefix: String,
+    dir: PathBuf,
+    keep_dir: bool,
+    namespaces: Vec<String>,
+    clients: usize,
+    procs: Vec<Proc>,
+    bin_dir: PathBuf,
+    /// Certificates for the server (valid for 198.18.0.1 and "sallyport-lab").
+    pub certs: CertFiles,
+}
+
+impl Lab {
+    /// Builds a lab with `clients` client namespaces. `tag` appears in names
+    /// (keep it short: interface names are limited to 15 characters).
+    pub fn new(tag: &str, clients: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(clients <= 200, "at most 200 clients");
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("sp{}{}{}", tag, std::process::id() % 100_000, n);
+        let dir = std::env::temp_dir().join(format!("sallyport-{prefix}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let certs = certs::generate(&dir, &["sallyport-lab", &SERVER_UNDERLAY.to_string()])?;
+        let mut lab = Self {
+            prefix,
+            dir,
+            keep_dir: std::env::var_os("SALLYPORT_KEEP_LAB").is_some(),
+            namespaces: Vec::new(),
+            clients,
+            procs: Vec::new(),
+            bin_dir: bin_dir()?,
+            certs,
+        };
+        lab.build_underlay()?;
+        Ok(lab)
+    }
+
+    fn build_underlay(&mut self) -> anyhow::Result<()> {
+        let srv = self.server_ns();
+        self.add_ns(&srv)?;
+        run(&["ip", "-n", &srv, "link", "add", "br0", "type", "bridge"])?;
+        run(&[
+            "ip",
+            "-n",
+            &srv,
+            "addr",
+            "add",
+            "198.18.0.1/24",
+            "dev",
+            "br0",
+        ])?;
+        run(&["ip", "-n", &srv, "link", "set", "br0", "up"])?;
+        for i in 0..self.clients {
+            let ns = self.client_ns(i);
+            self.add_ns(&ns)?;
+            let veth = format!("vc{i}");
+            run(&[
+                "ip", "link", "add", &veth, "netns", &srv, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ])?;
+            run(&[
+                "ip", "-n", &srv, "link", "set", &veth, "master", "br0", "up",
+            ])?;
+            let addr = format!("{}/24", self.client_underlay(i));
+            run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok(())
+    }
+
+    fn add_ns(&mut self, ns: &str) -> anyhow::Result<()> {
+        run(&["ip", "netns", "add", ns])?;
+        self.namespaces.push(ns.to_string());
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// The server's namespace.
+    pub fn server_ns(&self) -> String {
+        format!("{}-s", self.prefix)
+    }
+
+    /// Client `i`'s namespace.
+    pub fn client_ns(&self, i: usize) -> String {
+        format!("{}-c{i}", self.prefix)
+    }
+
+    /// Client `i`'s underlay address.
+    pub fn client_underlay(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, 10 + i as u8)
+    }
+
+    /// Number of client namespaces.
+    pub fn clients(&self) -> usize {
+        self.clients
+    }
+
+    /// The lab's scratch directory (configs, certificates, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A server config on the defaults, listening on the underlay, with
+    /// `extra` TOML appended inside the right sections (`[section]` headers in
+    /// `extra` must not repeat the ones here; use `server_extra` etc.).
+    pub fn server_config(&self, name: &str, sections: &ConfigExtra) -> anyhow::Result<PathBuf> {
+        let text = format!(
+            "[server]\nlisten_addr = \"{SERVER_UNDERLAY}:443\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}\n\
+             [vpn]\n{}\n[auth]\ntokens = [\"{}\", \"{}\"]\n{}\n",
+            self.certs.cert.display(),
+            self.certs.key.display(),
+            sections.server,
+            sections.vpn,
+            TOKENS[0],
+            TOKENS[1],
+            sections.rest,
+        );
+        self.write(name, &text)
+    }
+
+    /// A client config on the defaults pointing at the lab's server.
+    pub fn client_config(
+        &self,
+        name: &str,
+        token: &str,
+        sections: &ConfigExtra,
+    ) -> anyhow::Result<PathBuf> {
+        let text = format!(
+            "[server]\nurl = \"wss://{SERVER_UNDERLAY}:443/tunnel\"\nca_file = \"{}\"\n{}\n\
+             [auth]\ntoken = \"{token}\"\n[vpn]\n{}\n{}\n",
+            self.certs.ca.display(),
+            sections.server,
+            sections.vpn,
+            sections.rest,
+        );
+        self.write(name, &text)
+    }
+
+    /// Writes a file into the lab directory.
+    pub fn write(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).with_context(|| format!("write {}", p.display()))?;
+        Ok(p)
+    }
+
+    /// Path of one of the product's binaries.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    /// Starts the server in its namespace.
+    pub fn start_server(&mut self, config: &Path) -> anyhow::Result<ProcId> {
+        let ns = self.server_ns();
+        let bin = self.bin("sallyport-server");
+        self.spawn_in(
+            &ns,
+            "server",
+            &[bin.as_os_str(), "--config".as_ref(), config.as_os_str()],
+        )
+    }
+
+    /// Starts a client in client namespace `i`.
+    pub fn start_client(&mut self, i: usize, config: &Path) -> anyhow::Result<ProcId> {
+        let ns = self.client_ns(i);
+        let bin = self.bin("sallyport-client");
+        self.spawn_in(
+            &ns,
+            &format!("client{i}"),
+            &[bin.as_os_str(), "--config".as_ref(), config.as_os_str()],
+        )
+    }
+
+    /// Starts any command in namespace `ns`, logging to a file in the lab dir.
+    pub fn spawn_in<S: AsRef<std::ffi::OsStr>>(
+        &mut self,
+        ns: &str,
+        label: &str,
+        argv: &[S],
+    ) -> anyhow::Result<ProcId> {
+        let log = self.dir.join(format!("{label}.{}.log", self.procs.len()));
+        let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawn {label} in {ns}"))?;
+        self.procs.push(Proc {
+            label: label.into(),
+            child,
+            log,
+            exited: None,
+        });
+        Ok(ProcId(self.procs.len() - 1))
+    }
+
+    /// The process's PID (`ip netns exec` execs, so this is the program's).
+    pub fn pid(&self, id: ProcId) -> u32 {
+        self.procs[id.0].child.id()
+    }
+
+    /// Sends `signal` (a name such as `TERM` or `INT`) to the process, by PID.
+    pub fn signal(&self, id: ProcId, signal: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid(id).to_string())
+            .status();
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status if it did.
+    pub fn wait_exit(&mut self, id: ProcId, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let p = &mut self.procs[id.0];
+        if let Some(s) = p.exited {
+            return Some(s);
+        }
+        loop {
+            if let Ok(Some(s)) = p.child.try_wait() {
+                p.exited = Some(s);
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self, id: ProcId) {
+        let p = &mut self.procs[id.0];
+        if p.exited.is_none() {
+            let _ = p.child.kill();
+            p.exited = p.child.wait().ok();
+        }
+    }
+
+    /// Everything the process has logged so far.
+    pub fn log(&self, id: ProcId) -> String {
+        std::fs::read_to_string(&self.procs[id.0].log).unwrap_or_default()
+    }
+
+    /// The IPv4 address on `ifname` in `ns`, if the interface exists and has one.
+    pub fn if_addr(&self, ns: &str, ifname: &str) -> Option<Ipv4Addr> {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-4", "-o", "addr", "show", "dev", ifname])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let word = text
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)?;
+        word.split('/').next()?.parse().ok()
+    }
+
+    /// Waits until client `i` has a tunnel address on `sallyport0`.
+    pub fn wait_client_addr(&self, i: usize, timeout: Duration) -> anyhow::Result<Ipv4Addr> {
+        let ns = self.client_ns(i);
+        wait_for(timeout, || self.if_addr(&ns, "sallyport0"))
+            .with_context(|| format!("client {i} got no tunnel address within {timeout:?}"))
+    }
+
+    /// Runs a command in `ns` and returns its output.
+    pub fn exec<S: AsRef<std::ffi::OsStr>>(&self, ns: &str, argv: &[S]) -> anyhow::Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("run in {ns}"))
+    }
+
+    /// Whether `count` pings from `ns` to `dst` all get answers.
+    pub fn ping(&self, ns: &str, dst: Ipv4Addr, count: u32) -> bool {
+        let (c, d) = (count.to_string(), dst.to_string());
+        self.exec(ns, &["ping", "-c", &c, "-i", "0.2", "-W", "2", "-q", &d])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Runs iperf3 from `from_ns` to a server started in `to_ns` bound to
+    /// `to_addr`, for `secs` seconds with `streams` parallel streams; returns
+    /// the receiver's throughput in bit/s.
+    pub fn iperf3(
+        &mut self,
+        from_ns: &str,
+        to_ns: &str,
+        to_addr: Ipv4Addr,
+        secs: u32,
+        streams: u32,
+    ) -> anyhow::Result<f64> {
+        let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 1000) as u16;
+        let p = port.to_string();
+        let addr = to_addr.to_string();
+        let srv = self.spawn_in(
+            to_ns,
+            "iperf3-server",
+            &["iperf3", "-s", "-1", "-B", &addr, "-p", &p],
+        )?;
+        let ready = wait_for(Duration::from_secs(5), || {
+            let o = self
+                .exec(to_ns, &["ss", "-Hltn", &format!("sport = :{port}")])
+                .ok()?;
+            (!o.stdout.is_empty()).then_some(())
+        });
+        if ready.is_none() {
+            self.kill(srv);
+            bail!("iperf3 server did not start in {to_ns}");
+        }
+        let (t, n) = (secs.to_string(), streams.to_string());
+        let out = self.exec(
+            from_ns,
+            &[
+                "timeout",
+                &(secs + 15).to_string(),
+                "iperf3",
+                "-c",
+                &addr,
+                "-p",
+                &p,
+                "-t",
+                &t,
+                "-P",
+                &n,
+                "-J",
+            ],
+        )?;
+        self.kill(srv);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+        if let Some(e) = json.get("error") {
+            bail!("iperf3: {e}");
+        }
+        json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("iperf3 reported no throughput")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            if p.exited.is_none() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if std::thread::panicking() || self.keep_dir {
+            eprintln!("lab {}: logs kept in {}", self.prefix, self.dir.display());
+            for p in &self.procs {
+                eprintln!("--- {} ({}) ---", p.label, p.log.display());
+                let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Extra TOML lines for the generated configs.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigExtra {
+    /// Lines in `[server]`.
+    pub server: String,
+    /// Lines in `[vpn]`.
+    pub vpn: String,
+    /// Whole further sections (`[limits]`, `[reconnect]`, ...).
+    pub rest: String,
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(argv: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .with_context(|| format!("run {}", argv.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{}: {}",
+            argv.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Where the product's binaries are: `$SALLYPORT_BIN_DIR`, else the cargo
+/// target directory this executable runs from (tests run from `deps/`).
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(d) = std::env::var_os("SALLYPORT_BIN_DIR") {
+        return Ok(d.into());
+    }
+    let exe = std::env::current_exe().context("current exe")?;
+    let mut dir = exe.parent().context("exe has no parent")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for b in ["sallyport-server", "sallyport-client"] {
+        if !dir.join(b).exists() {
+            bail!(
+                "{} not found in {}: build it first (cargo build --bins) or set SALLYPORT_BIN_DIR",
+                b,
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}

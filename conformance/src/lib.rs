@@ -1,0 +1,12 @@
+//! Sallyport's conformance suite and shared test helpers.
+//!
+//! [`lab`] builds a network-namespace lab (a server namespace and client
+//! namespaces on a veth underlay in 198.18.0.0/15) and runs the real binaries
+//! in it; the end-to-end tests, the demo and the benchmarks use it. [`certs`]
+//! makes throwaway certificates.
+//!
+//! This crate talks to the product only over the network and the command line:
+//! it must not depend on the server's or client's internals.
+
+pub mod certs;
+pub mod lab;

@@ -1,0 +1,360 @@
+//! The client's TOML configuration, parsed then validated. Errors name the
+//! file and the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sallyport_core::message::Token;
+use serde::Deserialize;
+
+/// A validated client configuration.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `[server]`.
+    pub server: ServerSection,
+    /// `[transport]`.
+    pub transport: TransportSection,
+    /// `[auth]`.
+    pub auth: AuthSection,
+    /// `[vpn]`.
+    pub vpn: VpnSection,
+    /// `[reconnect]`.
+    pub reconnect: ReconnectSection,
+    /// `[logging]`.
+    pub logging: LoggingSection,
+}
+
+/// `[server]`: where the server is and how to trust it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// `wss://host:port/path`.
+    pub url: String,
+    /// Verify the server's certificate (default true; false only for testing).
+    #[serde(default = "yes")]
+    pub verify_tls: bool,
+    /// Trust this CA in addition to the public roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Time allowed for TCP, TLS and the transport handshake.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// Which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Try the transports in order and keep the first that works.
+    Auto,
+    /// WebSocket over TLS.
+    Wss,
+}
+
+/// `[transport]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSection {
+    /// `auto` or `wss`.
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+}
+
+impl Default for TransportSection {
+    fn default() -> Self {
+        Self {
+            mode: default_mode(),
+        }
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// The bearer token.
+    pub token: Token,
+}
+
+/// `[vpn]`: the local device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpnSection {
+    /// TUN interface name.
+    #[serde(default = "default_interface")]
+    pub interface_name: String,
+    /// Largest MTU to use; the server's, if smaller, wins.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// Ping interval when the server does not announce one; silence for 3
+    /// intervals means the server is gone.
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+}
+
+impl Default for VpnSection {
+    fn default() -> Self {
+        Self {
+            interface_name: default_interface(),
+            mtu: default_mtu(),
+            keepalive_interval: default_keepalive(),
+        }
+    }
+}
+
+/// `[reconnect]`: exponential backoff with jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectSection {
+    /// First delay.
+    #[serde(default = "default_min_backoff", with = "humantime_serde")]
+    pub min_backoff: Duration,
+    /// Largest delay.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// A session that lasted this long resets the backoff.
+    #[serde(default = "default_stable_after", with = "humantime_serde")]
+    pub stable_after: Duration,
+}
+
+impl Default for ReconnectSection {
+    fn default() -> Self {
+        Self {
+            min_backoff: default_min_backoff(),
+            max_backoff: default_max_backoff(),
+            stable_after: default_stable_after(),
+        }
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    /// debug, info, warn or error (or a tracing filter directive).
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: ServerSection,
+    #[serde(default)]
+    transport: TransportSection,
+    auth: AuthSection,
+    #[serde(default)]
+    vpn: VpnSection,
+    #[serde(default)]
+    reconnect: ReconnectSection,
+    #[serde(default)]
+    logging: LoggingSection,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_mode() -> Mode {
+    Mode::Auto
+}
+fn default_interface() -> String {
+    "sallyport0".into()
+}
+fn default_mtu() -> u16 {
+    1420
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_min_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_stable_after() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a value of the wrong type.
+    #[error("config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Cause (names the key and line).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value that parses but cannot work.
+    #[error("config {path}: key `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ClientConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates TOML; `origin` is used in error messages.
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.into(),
+            source,
+        })?;
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: origin.into(),
+            key,
+            reason,
+        };
+        sallyport_transports::ws::Endpoint::parse(&raw.server.url)
+            .map_err(|e| invalid("server.url", e.to_string()))?;
+        if raw.auth.token.expose().is_empty() {
+            return Err(invalid("auth.token", "must not be empty".into()));
+        }
+        if !(576..=65_535).contains(&raw.vpn.mtu) {
+            return Err(invalid(
+                "vpn.mtu",
+                format!("{} is outside 576..=65535", raw.vpn.mtu),
+            ));
+        }
+        if raw.vpn.interface_name.is_empty() || raw.vpn.interface_name.len() > 15 {
+            return Err(invalid(
+                "vpn.interface_name",
+                "must be 1 to 15 characters".into(),
+            ));
+        }
+        if raw.vpn.keepalive_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "vpn.keepalive_interval",
+                "must be at least 100ms".into(),
+            ));
+        }
+        let r = &raw.reconnect;
+        if r.min_backoff.is_zero() || r.min_backoff > r.max_backoff {
+            return Err(invalid(
+                "reconnect.min_backoff",
+                format!(
+                    "must be positive and at most reconnect.max_backoff ({:?})",
+                    r.max_backoff
+                ),
+            ));
+        }
+        if let Some(ca) = &raw.server.ca_file {
+            if !ca.is_file() {
+                return Err(invalid(
+                    "server.ca_file",
+                    format!("{} does not exist or is not a file", ca.display()),
+                ));
+            }
+        }
+        Ok(Self {
+            server: raw.server,
+            transport: raw.transport,
+            auth: raw.auth,
+            vpn: raw.vpn,
+            reconnect: raw.reconnect,
+            logging: raw.logging,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+url = "wss://vpn.example.com:443/tunnel"
+[auth]
+token = "secret-token-1"
+"#;
+
+    fn parse(s: &str) -> Result<ClientConfig, ConfigError> {
+        ClientConfig::from_toml_str(s, Path::new("client.toml"))
+    }
+
+    #[test]
+    fn minimal_config_takes_the_documented_defaults() {
+        let c = parse(MINIMAL).expect("valid");
+        assert!(c.server.verify_tls);
+        assert_eq!(c.transport.mode, Mode::Auto);
+        assert_eq!(c.vpn.interface_name, "sallyport0");
+        assert_eq!(c.vpn.mtu, 1420);
+        assert_eq!(c.reconnect.min_backoff, Duration::from_secs(1));
+        assert_eq!(c.reconnect.max_backoff, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_url_names_the_key_and_file() {
+        let e = parse(&MINIMAL.replace("wss://vpn.example.com:443/tunnel", "gopher://x"))
+            .expect_err("invalid")
+            .to_string();
+        assert!(e.contains("client.toml") && e.contains("server.url"), "{e}");
+    }
+
+    #[test]
+    fn backoff_order_is_checked() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[reconnect]\nmin_backoff = \"2m\"\nmax_backoff = \"1m\""
+        ))
+        .expect_err("invalid")
+        .to_string();
+        assert!(e.contains("reconnect.min_backoff"), "{e}");
+    }
+
+    #[test]
+    fn missing_ca_file_is_refused() {
+        let e = parse(&MINIMAL.replace("[auth]", "ca_file = \"/nonexistent/ca.pem\"\n[auth]"))
+            .expect_err("invalid")
+            .to_string();
+        assert!(e.contains("server.ca_file"), "{e}");
+    }
+
+    #[test]
+    fn unknown_mode_is_refused() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[transport]\nmode = \"carrier-pigeon\""
+        ))
+        .expect_err("invalid")
+        .to_string();
+        assert!(e.contains("mode"), "{e}");
+    }
+}

@@ -1,0 +1,361 @@
+//! The Sallyport client: dials the server, authenticates, sets up the TUN
+//! device with the assigned address and pumps packets both ways; reconnects
+//! forever with exponential backoff.
+//!
+//! Depends on the transports, the device and the core; never on the server.
+
+pub mod backoff;
+pub mod config;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use sallyport_core::message::{Auth, AuthResponse, Control, Ping, Pong, Reconnect};
+use sallyport_core::{Frame, PacketBatch, MAX_BATCH};
+use sallyport_transports::tls::ClientTrust;
+use sallyport_transports::ws::WsDialer;
+use sallyport_transports::{recv_ready, Dial, FrameSink, FrameStream, TransportError};
+use sallyport_tun::{TunConfig, TunDevice, TunError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::config::ClientConfig;
+
+/// Why the client stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The transport could not be set up from the config.
+    #[error("transport setup: {0}")]
+    Setup(#[source] TransportError),
+    /// The TUN device could not be created or configured.
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    /// The server refused the token; retrying cannot help.
+    #[error("the server refused authentication ({0}): check [auth] token")]
+    AuthRejected(String),
+}
+
+/// How one connection attempt ended.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("server refused the session: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Fatal(#[from] ClientError),
+}
+
+impl From<TunError> for AttemptError {
+    fn from(e: TunError) -> Self {
+        AttemptError::Fatal(ClientError::Tun(e))
+    }
+}
+
+/// Builds the dialer for the configured transport.
+pub fn dialer(cfg: &ClientConfig) -> Result<Box<dyn Dial>, TransportError> {
+    let trust = ClientTrust {
+        insecure: !cfg.server.verify_tls,
+        ca_file: cfg.server.ca_file.clone(),
+    };
+    // Frames from the server are at most one packet of our MTU, or a control
+    // message; leave generous room.
+    let max_frame = usize::from(cfg.vpn.mtu).max(65_535);
+    match cfg.transport.mode {
+        config::Mode::Auto | config::Mode::Wss => Ok(Box::new(WsDialer::new(
+            &cfg.server.url,
+            &trust,
+            max_frame,
+            cfg.server.connect_timeout,
+        )?)),
+    }
+}
+
+/// Checks what `--check-config` can check beyond parsing: the TLS setup.
+pub fn check(cfg: &ClientConfig) -> Result<(), TransportError> {
+    dialer(cfg).map(|_| ())
+}
+
+/// Runs the client until `shutdown` is cancelled or a permanent error.
+pub async fn run(cfg: ClientConfig, shutdown: CancellationToken) -> Result<(), ClientError> {
+    if !cfg.server.verify_tls {
+        tracing::warn!(
+            "verify_tls = false: the server's certificate is NOT checked (testing only)"
+        );
+    }
+    let dialer = dialer(&cfg).map_err(ClientError::Setup)?;
+    let client_id = format!("{:032x}", rand::random::<u128>());
+    let mut state = State {
+        device: None,
+        previous: None,
+    };
+    let mut backoff = Backoff::new(cfg.reconnect.min_backoff, cfg.reconnect.max_backoff);
+    let mut attempt: u64 = 0;
+    let result = loop {
+        attempt += 1;
+        let span = tracing::info_span!("attempt", n = attempt, transport = %dialer.kind());
+        let started = Instant::now();
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            r = connect_and_run(&cfg, dialer.as_ref(), &client_id, &mut state, &shutdown).instrument(span) => r,
+        };
+        match r {
+            Ok(reason) => tracing::warn!(%reason, "session ended"),
+            Err(AttemptError::Fatal(e)) => break Err(e),
+            Err(AttemptError::Refused(reason)) if reason == "auth_failed" => {
+                break Err(ClientError::AuthRejected(reason))
+            }
+            Err(e) => tracing::warn!(error = %e, "connection attempt failed"),
+        }
+        if shutdown.is_cancelled() {
+            break Ok(());
+        }
+        if started.elapsed() >= cfg.reconnect.stable_after {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    };
+    if let Some(dev) = state.device.take() {
+        tracing::info!(interface = dev.name(), "removing TUN device");
+    }
+    result
+}
+
+struct State {
+    device: Option<TunDevice>,
+    previous: Option<Ipv4Addr>,
+}
+
+struct Assigned {
+    addr: Ipv4Addr,
+    prefix: u8,
+    mtu: u16,
+    keepalive: Duration,
+}
+
+async fn connect_and_run(
+    cfg: &ClientConfig,
+    dialer: &dyn Dial,
+    client_id: &str,
+    state: &mut State,
+    shutdown: &CancellationToken,
+) -> Result<String, AttemptError> {
+    tracing::info!(url = %cfg.server.url, "connecting");
+    let mut tunnel = dialer.dial().await?;
+    let hello = match state.previous {
+        Some(previous_ip) => Control::Reconnect(Reconnect {
+            token: cfg.auth.token.clone(),
+            previous_ip,
+            client_id: Some(client_id.into()),
+        }),
+        None => Control::Auth(Auth {
+            token: cfg.auth.token.clone(),
+            client_id: Some(client_id.into()),
+        }),
+    };
+    tunnel.tx.send(hello.into()).await?;
+    let resp = tokio::time::timeout(
+        cfg.server.connect_timeout,
+        await_auth_response(&mut tunnel.rx),
+    )
+    .await
+    .map_err(|_| AttemptError::Handshake("no auth_response in time".into()))??;
+    let assigned = accept_response(cfg, resp)?;
+
+    match &state.device {
+        None => {
+            let dev = TunDevice::create(&TunConfig {
+                name: cfg.vpn.interface_name.clone(),
+                address: assigned.addr,
+                prefix: assigned.prefix,
+                mtu: assigned.mtu,
+            })?;
+            state.device = Some(dev);
+        }
+        Some(dev) if state.previous != Some(assigned.addr) => {
+            tracing::warn!(previous = ?state.previous, new = %assigned.addr, "server assigned a different address");
+            dev.set_address(assigned.addr, assigned.prefix)?;
+        }
+        Some(_) => {}
+    }
+    match state.previous {
+        Some(p) if p == assigned.addr => {
+            tracing::info!(address = %assigned.addr, "reconnected with the same address")
+        }
+        _ => {
+            tracing::info!(address = %assigned.addr, prefix = assigned.prefix, mtu = assigned.mtu, "connected")
+        }
+    }
+    state.previous = Some(assigned.addr);
+    let Some(dev) = state.device.clone() else {
+        return Err(AttemptError::Handshake("no device".into()));
+    };
+
+    let session = shutdown.child_token();
+    let (ctrl_tx, ctrl_rx) = mpsc::channel::<Control>(8);
+    let up = tokio::spawn(
+        encap(
+            dev.clone(),
+            tunnel.tx,
+            ctrl_rx,
+            assigned.keepalive,
+            session.clone(),
+        )
+        .in_current_span(),
+    );
+    let reason = decap(dev, tunnel.rx, ctrl_tx, assigned.keepalive, &session).await;
+    session.cancel();
+    let up_reason = up.await.ok().flatten();
+    Ok(up_reason.unwrap_or(reason))
+}
+
+async fn await_auth_response(rx: &mut FrameStream) -> Result<AuthResponse, AttemptError> {
+    loop {
+        match rx.next().await {
+            None => {
+                return Err(AttemptError::Handshake(
+                    "server closed the connection".into(),
+                ))
+            }
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Frame::Packet(_))) => {
+                return Err(AttemptError::Handshake(
+                    "packet before auth_response".into(),
+                ))
+            }
+            Some(Ok(Frame::Control(b))) => match Control::decode(&b) {
+                Ok(Control::AuthResponse(r)) => return Ok(r),
+                Ok(Control::Ping(_) | Control::Pong(_)) => continue,
+                Ok(other) => {
+                    return Err(AttemptError::Handshake(format!(
+                        "expected auth_response, got {}",
+                        other.kind()
+                    )))
+                }
+                Err(e) => return Err(AttemptError::Handshake(e.to_string())),
+            },
+        }
+    }
+}
+
+fn accept_response(cfg: &ClientConfig, r: AuthResponse) -> Result<Assigned, AttemptError> {
+    if !r.success {
+        let reason = r.error.unwrap_or_else(|| "no reason given".into());
+        return Err(AttemptError::Refused(reason));
+    }
+    let bad = |what: &str| AttemptError::Handshake(format!("auth_response: {what}"));
+    let addr = r.assigned_ip.ok_or_else(|| bad("no assigned_ip"))?;
+    let subnet: ipnet::Ipv4Net = r
+        .subnet
+        .as_deref()
+        .ok_or_else(|| bad("no subnet"))?
+        .parse()
+        .map_err(|_| bad("subnet is not CIDR"))?;
+    if !subnet.contains(&addr) {
+        return Err(bad("assigned_ip is outside subnet"));
+    }
+    let mtu = r.mtu.map_or(cfg.vpn.mtu, |m| m.min(cfg.vpn.mtu));
+    if mtu < 576 {
+        return Err(bad("mtu below 576"));
+    }
+    let keepalive = r
+        .keepalive_secs
+        .filter(|s| *s > 0)
+        .map_or(cfg.vpn.keepalive_interval, Duration::from_secs);
+    Ok(Assigned {
+        addr,
+        prefix: subnet.prefix_len(),
+        mtu,
+        keepalive,
+    })
+}
+
+/// Inside → outside: TUN packets, pongs and pings into the tunnel. Returns a
+/// reason when it ends on its own.
+async fn encap(
+    dev: TunDevice,
+    mut tx: FrameSink,
+    mut ctrl: mpsc::Receiver<Control>,
+    keepalive: Duration,
+    session: CancellationToken,
+) -> Option<String> {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = BytesMut::new();
+    let mut batch = PacketBatch::new();
+    let r: Result<(), String> = async {
+        loop {
+            tokio::select! {
+                biased;
+                _ = session.cancelled() => return Ok(()),
+                Some(c) = ctrl.recv() => tx.feed(c.into()).await.map_err(|e| format!("send: {e}"))?,
+                _ = tick.tick() => tx.feed(Control::Ping(Ping::default()).into()).await.map_err(|e| format!("send: {e}"))?,
+                r = dev.recv_batch(&mut buf, &mut batch) => {
+                    r.map_err(|e| format!("TUN read: {e}"))?;
+                    for p in batch.drain() {
+                        tx.feed(Frame::Packet(p)).await.map_err(|e| format!("send: {e}"))?;
+                    }
+                }
+            }
+            tx.flush().await.map_err(|e| format!("send: {e}"))?;
+        }
+    }
+    .await;
+    session.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), tx.close()).await;
+    r.err()
+}
+
+/// Outside → inside: tunnel packets to the TUN, answering pings.
+async fn decap(
+    dev: TunDevice,
+    mut rx: FrameStream,
+    ctrl: mpsc::Sender<Control>,
+    keepalive: Duration,
+    session: &CancellationToken,
+) -> String {
+    let silence = keepalive * 3;
+    let mut frames = Vec::with_capacity(MAX_BATCH);
+    loop {
+        frames.clear();
+        let r = tokio::select! {
+            _ = session.cancelled() => return "closed locally".into(),
+            r = tokio::time::timeout(silence, recv_ready(&mut rx, &mut frames, MAX_BATCH)) => r,
+        };
+        let open = match r {
+            Err(_) => return format!("keepalive timeout: server silent for {silence:?}"),
+            Ok(Err(e)) => return format!("transport error: {e}"),
+            Ok(Ok(open)) => open,
+        };
+        for f in frames.drain(..) {
+            match f {
+                Frame::Packet(p) => {
+                    if let Err(e) = dev.send(&p).await {
+                        tracing::debug!(error = %e, "TUN write failed");
+                    }
+                }
+                Frame::Control(b) => match Control::decode(&b) {
+                    Ok(Control::Ping(Ping { seq })) => {
+                        let _ = ctrl.try_send(Control::Pong(Pong { seq }));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "ignoring control message"),
+                },
+            }
+        }
+        if !open {
+            return "server closed the connection".into();
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! The server's TOML configuration: parsed, then validated into typed values.
+//! Errors name the file and the key.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use sallyport_core::message::Token;
+use serde::Deserialize;
+
+/// A validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `[server]`.
+    pub server: ServerSection,
+    /// `[vpn]`.
+    pub vpn: VpnSection,
+    /// `[auth]`.
+    pub auth: AuthSection,
+    /// `[limits]`.
+    pub limits: LimitsSection,
+    /// `[logging]`.
+    pub logging: LoggingSection,
+}
+
+/// `[server]`: where and how to listen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// TLS listener for all transports.
+    #[serde(default = "default_listen")]
+    pub listen_addr: SocketAddr,
+    /// PEM certificate chain.
+    pub tls_cert: PathBuf,
+    /// PEM private key.
+    pub tls_key: PathBuf,
+    /// Cleartext listener for running behind a TLS-terminating proxy.
+    #[serde(default)]
+    pub plain_listen_addr: Option<SocketAddr>,
+    /// HTTP path of the tunnel.
+    #[serde(default = "default_path")]
+    pub path: String,
+}
+
+/// `[vpn]`: the virtual LAN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpnSection {
+    /// The tunnel subnet.
+    #[serde(default = "default_subnet")]
+    pub subnet: Ipv4Net,
+    /// The server's own address in it.
+    #[serde(default = "default_server_ip")]
+    pub server_ip: Ipv4Addr,
+    /// MTU of the TUN device and of every client's.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// Name of the TUN device.
+    #[serde(default = "default_interface")]
+    pub interface_name: String,
+    /// How often each side pings; a peer silent for 3 intervals is dropped.
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long a disconnected client's address stays reserved for it.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub lease_grace: Duration,
+    /// How often the statistics line is logged (0s: never).
+    #[serde(default = "default_stats_interval", with = "humantime_serde")]
+    pub stats_interval: Duration,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Accepted bearer tokens.
+    pub tokens: Vec<Token>,
+}
+
+/// `[limits]`: explicit bounds on what a peer may make the server do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest message (control or packet) accepted from a client, bytes.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_size: usize,
+    /// Time a new connection has to complete TLS, the upgrade and `auth`.
+    #[serde(default = "default_auth_timeout", with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Most connections allowed at once that have not yet authenticated.
+    #[serde(default = "default_max_unauthenticated")]
+    pub max_unauthenticated: usize,
+    /// Packets queued towards one client before further ones are dropped.
+    #[serde(default = "default_session_queue")]
+    pub session_queue: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_frame_size: default_max_frame(),
+            auth_timeout: default_auth_timeout(),
+            max_unauthenticated: default_max_unauthenticated(),
+            session_queue: default_session_queue(),
+        }
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    /// debug, info, warn or error (or a tracing filter directive).
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: ServerSection,
+    vpn: VpnSection,
+    auth: AuthSection,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
+    logging: LoggingSection,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 443))
+}
+fn default_path() -> String {
+    "/tunnel".into()
+}
+fn default_subnet() -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(10, 100, 0, 0), 24).unwrap_or_default()
+}
+fn default_server_ip() -> Ipv4Addr {
+    Ipv4Addr::new(10, 100, 0, 1)
+}
+fn default_mtu() -> u16 {
+    1420
+}
+fn default_interface() -> String {
+    "tun0".into()
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_stats_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_frame() -> usize {
+    65_535
+}
+fn default_auth_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_unauthenticated() -> usize {
+    1024
+}
+fn default_session_queue() -> usize {
+    1024
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a value of the wrong type.
+    #[error("config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Cause (names the key and line).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value that parses but cannot work.
+    #[error("config {path}: key `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted key, e.g. `vpn.server_ip`.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ServerConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates TOML; `origin` is used in error messages.
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.into(),
+            source,
+        })?;
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: origin.into(),
+            key,
+            reason,
+        };
+        let vpn = &raw.vpn;
+        let net = vpn.subnet.trunc();
+        if vpn.subnet != net {
+            return Err(invalid(
+                "vpn.subnet",
+                format!("{} has host bits set; did you mean {net}?", vpn.subnet),
+            ));
+        }
+        if net.prefix_len() > 30 {
+            return Err(invalid(
+                "vpn.subnet",
+                format!("{net} is too small: a /30 or larger is needed"),
+            ));
+        }
+        if !net.contains(&vpn.server_ip) {
+            return Err(invalid(
+                "vpn.server_ip",
+                format!("{} is not inside vpn.subnet {net}", vpn.server_ip),
+            ));
+        }
+        if vpn.server_ip == net.network() || vpn.server_ip == net.broadcast() {
+            return Err(invalid(
+                "vpn.server_ip",
+                format!(
+                    "{} is the network or broadcast address of {net}",
+                    vpn.server_ip
+                ),
+            ));
+        }
+        if !(576..=65_535).contains(&vpn.mtu) {
+            return Err(invalid(
+                "vpn.mtu",
+                format!("{} is outside 576..=65535", vpn.mtu),
+            ));
+        }
+        if vpn.interface_name.is_empty() || vpn.interface_name.len() > 15 {
+            return Err(invalid(
+                "vpn.interface_name",
+                "must be 1 to 15 characters".into(),
+            ));
+        }
+        if vpn.keepalive_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "vpn.keepalive_interval",
+                "must be at least 100ms".into(),
+            ));
+        }
+        if !raw.server.path.starts_with('/') {
+            return Err(invalid("server.path", "must start with '/'".into()));
+        }
+        if raw.auth.tokens.is_empty() {
+            return Err(invalid(
+                "auth.tokens",
+                "at least one token is needed".into(),
+            ));
+        }
+        if raw.auth.tokens.iter().any(|t| t.expose().is_empty()) {
+            return Err(invalid("auth.tokens", "tokens must not be empty".into()));
+        }
+        let min_frame = usize::from(vpn.mtu);
+        if raw.limits.max_frame_size < min_frame {
+            return Err(invalid(
+                "limits.max_frame_size",
+                format!("must be at least vpn.mtu ({min_frame})"),
+            ));
+        }
+        if raw.limits.max_unauthenticated == 0 || raw.limits.session_queue == 0 {
+            return Err(invalid(
+                "limits",
+                "max_unauthenticated and session_queue must be positive".into(),
+            ));
+        }
+        Ok(Self {
+            server: raw.server,
+            vpn: raw.vpn,
+            auth: raw.auth,
+            limits: raw.limits,
+            logging: raw.logging,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+tls_cert = "/etc/sallyport/server.crt"
+tls_key = "/etc/sallyport/server.key"
+[vpn]
+[auth]
+tokens = ["secret-token-1"]
+"#;
+
+    fn parse(s: &str) -> Result<ServerConfig, ConfigError> {
+        ServerConfig::from_toml_str(s, Path::new("server.toml"))
+    }
+
+    #[test]
+    fn minimal_config_takes_the_documented_defaults() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.server.listen_addr, "0.0.0.0:443".parse().expect("addr"));
+        assert_eq!(c.server.path, "/tunnel");
+        assert_eq!(c.vpn.subnet.to_string(), "10.100.0.0/24");
+        assert_eq!(c.vpn.server_ip, Ipv4Addr::new(10, 100, 0, 1));
+        assert_eq!(c.vpn.mtu, 1420);
+        assert_eq!(c.vpn.interface_name, "tun0");
+        assert_eq!(c.vpn.lease_grace, Duration::from_secs(300));
+        assert_eq!(c.vpn.keepalive_interval, Duration::from_secs(15));
+        assert_eq!(c.limits.auth_timeout, Duration::from_secs(10));
+        assert_eq!(c.logging.level, "info");
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let text = r#"
+[server]
+listen_addr = "0.0.0.0:443"
+tls_cert = "/etc/sallyport/server.crt"
+tls_key  = "/etc/sallyport/server.key"
+plain_listen_addr = "127.0.0.1:8080"
+path = "/tunnel"
+[vpn]
+subnet = "10.100.0.0/24"
+server_ip = "10.100.0.1"
+mtu = 1420
+interface_name = "tun0"
+[auth]
+tokens = ["secret-token-1", "secret-token-2"]
+[logging]
+level = "info"
+"#;
+        let c = parse(text).expect("valid");
+        assert_eq!(c.auth.tokens.len(), 2);
+        assert_eq!(
+            c.server.plain_listen_addr,
+            Some("127.0.0.1:8080".parse().expect("a"))
+        );
+    }
+
+    fn err(s: &str) -> String {
+        parse(s).expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn server_ip_outside_subnet_names_the_key_and_file() {
+        let e = err(&MINIMAL.replace("[vpn]", "[vpn]\nserver_ip = \"10.9.0.1\""));
+        assert!(
+            e.contains("server.toml") && e.contains("vpn.server_ip"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn server_ip_on_network_or_broadcast_is_refused() {
+        for ip in ["10.100.0.0", "10.100.0.255"] {
+            let e = err(&MINIMAL.replace("[vpn]", &format!("[vpn]\nserver_ip = \"{ip}\"")));
+            assert!(e.contains("network or broadcast"), "{e}");
+        }
+    }
+
+    #[test]
+    fn subnet_with_host_bits_or_too_small_is_refused() {
+        let e = err(&MINIMAL.replace("[vpn]", "[vpn]\nsubnet = \"10.100.0.1/24\""));
+        assert!(e.contains("vpn.subnet") && e.contains("host bits"), "{e}");
+        let e = err(&MINIMAL.replace(
+            "[vpn]",
+            "[vpn]\nsubnet = \"10.100.0.0/31\"\nserver_ip = \"10.100.0.1\"",
+        ));
+        assert!(e.contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn garbage_subnet_is_a_parse_error_naming_the_key() {
+        let e = err(&MINIMAL.replace("[vpn]", "[vpn]\nsubnet = \"banana\""));
+        assert!(e.contains("subnet"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = err(&MINIMAL.replace("[vpn]", "[vpn]\nsubnett = \"10.0.0.0/24\""));
+        assert!(e.contains("subnett"), "{e}");
+    }
+
+    #[test]
+    fn empty_token_list_is_refused() {
+        let e = err(&MINIMAL.replace("tokens = [\"secret-token-1\"]", "tokens = []"));
+        assert!(e.contains("auth.tokens"), "{e}");
+    }
+
+    #[test]
+    fn missing_certificate_key_is_named() {
+        let e = err(&MINIMAL.replace("tls_key = \"/etc/sallyport/server.key\"", ""));
+        assert!(e.contains("tls_key"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let c = parse(&MINIMAL.replace(
+            "[vpn]",
+            "[vpn]\nlease_grace = \"2m\"\nkeepalive_interval = \"500ms\"",
+        ))
+        .expect("valid");
+        assert_eq!(c.vpn.lease_grace, Duration::from_secs(120));
+        assert_eq!(c.vpn.keepalive_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn tokens_are_redacted_in_debug() {
+        let c = parse(MINIMAL).expect("valid");
+        assert!(!format!("{c:?}").contains("secret-token-1"));
+    }
+}

@@ -1,0 +1,176 @@
+//! The Sallyport server: accepts tunnels, authenticates clients, leases them
+//! addresses and routes packets between them and the server's TUN device.
+//!
+//! Depends on the transports, the device and the core; never on the client.
+
+pub mod config;
+pub mod hub;
+pub mod pool;
+pub mod session;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use sallyport_core::PacketBatch;
+use sallyport_transports::listener::{Listener, ListenerConfig};
+use sallyport_transports::TransportError;
+use sallyport_tun::{TunConfig, TunDevice, TunError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+use crate::hub::{DropReason, Hub};
+use crate::pool::IpPool;
+use crate::session::SessionConfig;
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Certificate or key unusable.
+    #[error(transparent)]
+    Tls(#[from] sallyport_transports::tls::TlsConfigError),
+    /// Could not listen.
+    #[error("listen: {0}")]
+    Listen(#[source] TransportError),
+    /// Could not create or use the TUN device.
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    /// The TUN device failed while running.
+    #[error("TUN device {name} failed: {source}")]
+    TunIo {
+        /// Interface.
+        name: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Builds the parts that need no privileges and checks the certificate: what
+/// `--check-config` verifies beyond parsing.
+pub fn check(cfg: &ServerConfig) -> Result<(), ServerError> {
+    sallyport_transports::tls::server_config(&cfg.server.tls_cert, &cfg.server.tls_key, &[])?;
+    Ok(())
+}
+
+/// Runs the server until `shutdown` is cancelled, then stops accepting, closes
+/// every session and removes the TUN device.
+pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let tls = sallyport_transports::tls::server_config(
+        &cfg.server.tls_cert,
+        &cfg.server.tls_key,
+        &[b"http/1.1"],
+    )?;
+    let mut listener = Listener::bind(ListenerConfig {
+        listen_addr: cfg.server.listen_addr,
+        tls: Arc::new(tls),
+        path: cfg.server.path.clone(),
+        max_frame: cfg.limits.max_frame_size,
+        handshake_timeout: cfg.limits.auth_timeout,
+        max_pending: cfg.limits.max_unauthenticated,
+    })
+    .await
+    .map_err(ServerError::Listen)?;
+    tracing::info!(addr = %listener.local_addr(), path = %cfg.server.path, "listening (TLS)");
+
+    let tun = TunDevice::create(&TunConfig {
+        name: cfg.vpn.interface_name.clone(),
+        address: cfg.vpn.server_ip,
+        prefix: cfg.vpn.subnet.prefix_len(),
+        mtu: cfg.vpn.mtu,
+    })?;
+
+    let (to_tun, from_hub) = mpsc::channel::<PacketBatch>(256);
+    let pool = IpPool::new(cfg.vpn.subnet, cfg.vpn.server_ip, cfg.vpn.lease_grace);
+    let hub = Arc::new(Hub::new(pool, cfg.vpn.subnet, cfg.vpn.server_ip, to_tun));
+    let session_cfg = Arc::new(SessionConfig {
+        tokens: cfg.auth.tokens.clone().into(),
+        auth_timeout: cfg.limits.auth_timeout,
+        keepalive: cfg.vpn.keepalive_interval,
+        mtu: cfg.vpn.mtu,
+        queue_len: cfg.limits.session_queue,
+    });
+
+    let tun_writer = tokio::spawn(tun_writer(tun.clone(), from_hub, hub.clone()));
+    let mut tun_reader = tokio::spawn(tun_reader(tun.clone(), hub.clone()));
+    let stats = tokio::spawn(stats_logger(hub.clone(), cfg.vpn.stats_interval));
+    let sessions = TaskTracker::new();
+    let ids = AtomicU64::new(1);
+
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            r = &mut tun_reader => {
+                break match r {
+                    Ok(Err(source)) => Err(ServerError::TunIo { name: tun.name().into(), source }),
+                    _ => Ok(()),
+                };
+            }
+            t = listener.accept() => {
+                let Some(tunnel) = t else { break Ok(()) };
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                sessions.spawn(session::run(hub.clone(), session_cfg.clone(), tunnel, id, shutdown.child_token()));
+            }
+        }
+    };
+
+    tracing::info!(sessions = hub.sessions(), "shutting down");
+    drop(listener);
+    hub.cancel_all();
+    shutdown.cancel();
+    sessions.close();
+    if tokio::time::timeout(Duration::from_secs(3), sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some sessions did not close within 3s");
+    }
+    tun_reader.abort();
+    tun_writer.abort();
+    stats.abort();
+    let _ = tun_reader.await;
+    let _ = tun_writer.await;
+    tracing::info!(interface = tun.name(), "removing TUN device");
+    drop(tun);
+    tracing::info!("stopped");
+    result
+}
+
+async fn tun_reader(tun: TunDevice, hub: Arc<Hub>) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    let mut batch = PacketBatch::new();
+    loop {
+        tun.recv_batch(&mut buf, &mut batch).await?;
+        hub.route_from_tun(&mut batch);
+    }
+}
+
+async fn tun_writer(tun: TunDevice, mut rx: mpsc::Receiver<PacketBatch>, hub: Arc<Hub>) {
+    while let Some(batch) = rx.recv().await {
+        for p in batch {
+            if let Err(e) = tun.send(&p).await {
+                tracing::debug!(error = %e, "TUN write failed");
+                hub.stats().drop_packet(DropReason::TunUnavailable);
+            }
+        }
+    }
+}
+
+async fn stats_logger(hub: Arc<Hub>, every: Duration) {
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        tracing::info!(
+            sessions = hub.sessions(),
+            "stats: {}",
+            hub.stats().summary()
+        );
+    }
+}

@@ -1,0 +1,272 @@
+//! Two sessions through the hub over the in-memory transport: real session
+//! and routing code, no sockets, no TUN.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use sallyport_core::ip::build_ipv4;
+use sallyport_core::message::{Auth, Control, Reconnect, Token};
+use sallyport_core::{Frame, PacketBatch};
+use sallyport_server::hub::{DropReason, Hub};
+use sallyport_server::pool::IpPool;
+use sallyport_server::session::{self, SessionConfig};
+use sallyport_transports::{memory, Tunnel};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+
+struct Fixture {
+    hub: Arc<Hub>,
+    cfg: Arc<SessionConfig>,
+    from_hub_to_tun: mpsc::Receiver<PacketBatch>,
+    shutdown: CancellationToken,
+    next_id: u64,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let subnet = "10.100.0.0/24".parse().expect("net");
+        let (to_tun, from_hub_to_tun) = mpsc::channel(16);
+        let pool = IpPool::new(subnet, SERVER, Duration::from_secs(300));
+        Self {
+            hub: Arc::new(Hub::new(pool, subnet, SERVER, to_tun)),
+            cfg: Arc::new(SessionConfig {
+                tokens: vec![Token::new("good")].into(),
+                auth_timeout: Duration::from_secs(2),
+                keepalive: Duration::from_secs(15),
+                mtu: 1420,
+                queue_len: 64,
+            }),
+            from_hub_to_tun,
+            shutdown: CancellationToken::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Opens a session; returns the client end.
+    fn open(&mut self) -> Tunnel {
+        let (client, server) = memory::pair(64);
+        self.next_id += 1;
+        tokio::spawn(session::run(
+            self.hub.clone(),
+            self.cfg.clone(),
+            server,
+            self.next_id,
+            self.shutdown.clone(),
+        ));
+        client
+    }
+
+    async fn connect(&mut self, hello: Control) -> (Tunnel, Control) {
+        let mut t = self.open();
+        t.tx.send(hello.into()).await.expect("send hello");
+        let reply = next_control(&mut t).await;
+        (t, reply)
+    }
+
+    async fn authed(&mut self) -> (Tunnel, Ipv4Addr) {
+        let (t, reply) = self.connect(auth("good")).await;
+        match reply {
+            Control::AuthResponse(r) if r.success => (t, r.assigned_ip.expect("ip")),
+            other => panic!("auth failed: {other:?}"),
+        }
+    }
+}
+
+fn auth(token: &str) -> Control {
+    Control::Auth(Auth {
+        token: Token::new(token),
+        client_id: None,
+    })
+}
+
+async fn next_frame(t: &mut Tunnel) -> Option<Frame> {
+    tokio::time::timeout(Duration::from_secs(2), t.rx.next())
+        .await
+        .expect("frame within 2s")
+        .map(|f| f.expect("ok frame"))
+}
+
+async fn next_control(t: &mut Tunnel) -> Control {
+    match next_frame(t).await {
+        Some(Frame::Control(b)) => Control::decode(&b).expect("valid control"),
+        other => panic!("expected control, got {other:?}"),
+    }
+}
+
+/// The next packet, skipping control messages (pings).
+async fn next_packet(t: &mut Tunnel) -> Option<Bytes> {
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), t.rx.next()).await {
+            Err(_) | Ok(None) => return None,
+            Ok(Some(Ok(Frame::Packet(p)))) => return Some(p),
+            Ok(Some(Ok(Frame::Control(_)))) => continue,
+            Ok(Some(Err(e))) => panic!("{e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_packet_from_a_to_b_arrives_unchanged() {
+    let mut f = Fixture::new();
+    let (mut a, ip_a) = f.authed().await;
+    let (mut b, ip_b) = f.authed().await;
+    assert_eq!(
+        (ip_a, ip_b),
+        (
+            "10.100.0.2".parse().expect("ip"),
+            "10.100.0.3".parse().expect("ip")
+        )
+    );
+    let pkt = build_ipv4(ip_a, ip_b, 17, b"hello b");
+    a.tx.send(Frame::Packet(Bytes::from(pkt.clone())))
+        .await
+        .expect("send");
+    assert_eq!(next_packet(&mut b).await.as_deref(), Some(&pkt[..]));
+    assert!(
+        f.from_hub_to_tun.try_recv().is_err(),
+        "client-to-client never touches the TUN"
+    );
+}
+
+#[tokio::test]
+async fn a_spoofed_packet_is_dropped_and_counted() {
+    let mut f = Fixture::new();
+    let (mut a, _ip_a) = f.authed().await;
+    let (mut b, ip_b) = f.authed().await;
+    let forged = build_ipv4(Ipv4Addr::new(10, 100, 0, 99), ip_b, 17, b"forged");
+    a.tx.send(Frame::Packet(Bytes::from(forged)))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_packet(&mut b).await,
+        None,
+        "forged packet not delivered"
+    );
+    assert_eq!(f.hub.stats().dropped(DropReason::Spoofed), 1);
+}
+
+#[tokio::test]
+async fn packets_for_the_server_or_outside_go_to_the_tun_and_unknown_peers_are_dropped() {
+    let mut f = Fixture::new();
+    let (mut a, ip_a) = f.authed().await;
+    let to_server = build_ipv4(ip_a, SERVER, 1, b"ping server");
+    let to_internet = build_ipv4(ip_a, Ipv4Addr::new(198, 18, 1, 1), 6, b"out");
+    let to_nobody = build_ipv4(ip_a, Ipv4Addr::new(10, 100, 0, 200), 17, b"nobody");
+    for p in [&to_server, &to_internet, &to_nobody] {
+        a.tx.feed(Frame::Packet(Bytes::from(p.clone())))
+            .await
+            .expect("feed");
+    }
+    a.tx.flush().await.expect("flush");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let batch = tokio::time::timeout(Duration::from_secs(2), f.from_hub_to_tun.recv())
+            .await
+            .expect("to tun")
+            .expect("open");
+        got.extend(batch.into_iter().map(|p| p.to_vec()));
+    }
+    assert_eq!(got, vec![to_server, to_internet]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.hub.stats().dropped(DropReason::NoRoute), 1);
+}
+
+#[tokio::test]
+async fn a_packet_from_the_tun_reaches_the_owning_client() {
+    let mut f = Fixture::new();
+    let (mut a, ip_a) = f.authed().await;
+    let pkt = build_ipv4(SERVER, ip_a, 1, b"from server");
+    let mut batch = PacketBatch::new();
+    batch.push(Bytes::from(pkt.clone()));
+    f.hub.route_from_tun(&mut batch);
+    assert_eq!(next_packet(&mut a).await.as_deref(), Some(&pkt[..]));
+}
+
+#[tokio::test]
+async fn a_bad_token_is_refused_and_the_connection_closed() {
+    let mut f = Fixture::new();
+    let (mut t, reply) = f.connect(auth("bad")).await;
+    match reply {
+        Control::AuthResponse(r) => {
+            assert!(!r.success);
+            assert_eq!(r.error.as_deref(), Some("auth_failed"));
+            assert_eq!(r.assigned_ip, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(next_frame(&mut t).await, None, "closed after refusal");
+}
+
+#[tokio::test]
+async fn a_packet_before_auth_is_refused() {
+    let mut f = Fixture::new();
+    let mut t = f.open();
+    t.tx.send(Frame::Packet(Bytes::from_static(b"\x45")))
+        .await
+        .expect("send");
+    match next_control(&mut t).await {
+        Control::AuthResponse(r) => assert_eq!(
+            (r.success, r.error.as_deref()),
+            (false, Some("auth_required"))
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(next_frame(&mut t).await, None);
+}
+
+#[tokio::test]
+async fn reconnect_gets_the_previous_address_back() {
+    let mut f = Fixture::new();
+    let (a, ip_a) = f.authed().await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (_b, _ip_b) = f.authed().await;
+    let (_a2, reply) = f
+        .connect(Control::Reconnect(Reconnect {
+            token: Token::new("good"),
+            previous_ip: ip_a,
+            client_id: None,
+        }))
+        .await;
+    match reply {
+        Control::AuthResponse(r) => assert_eq!(r.assigned_ip, Some(ip_a)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_pong() {
+    let mut f = Fixture::new();
+    let (mut a, _) = f.authed().await;
+    a.tx.send(Control::Ping(sallyport_core::message::Ping { seq: Some(7) }).into())
+        .await
+        .expect("send");
+    match next_control(&mut a).await {
+        Control::Pong(p) => assert_eq!(p.seq, Some(7)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_json_ends_only_that_session() {
+    let mut f = Fixture::new();
+    let (mut a, ip_a) = f.authed().await;
+    let (mut b, ip_b) = f.authed().await;
+    a.tx.send(Frame::Control(Bytes::from_static(b"{not json")))
+        .await
+        .expect("send");
+    assert_eq!(next_packet(&mut a).await, None);
+    // b still works with a fresh session c.
+    let (mut c, ip_c) = f.authed().await;
+    assert_ne!(ip_c, ip_a, "a's address is held for it");
+    let pkt = build_ipv4(ip_c, ip_b, 17, b"still here");
+    c.tx.send(Frame::Packet(Bytes::from(pkt.clone())))
+        .await
+        .expect("send");
+    assert_eq!(next_packet(&mut b).await.as_deref(), Some(&pkt[..]));
+}
