@@ -11,11 +11,16 @@ have iperf3  || need+=(iperf3)
 have capsh   || need+=(libcap2-bin)
 have ss      || need+=(iproute2)
 have openssl || need+=(openssl)
+have nginx     || need+=(nginx)
+have tinyproxy || need+=(tinyproxy)
+have curl      || need+=(curl)
 
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # Services are not started by the tests' packages: the tests run their own
+    # nginx and tinyproxy inside network namespaces.
+    apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 if ! rustup component list --installed 2>/dev/null | grep -q '^clippy'; then

@@ -23,6 +23,8 @@ use crate::certs::{self, CertFiles};
 pub const SERVER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The default tunnel address of the server.
 pub const SERVER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+/// The proxy namespace's address on the server's underlay.
+pub const PROXY_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 5);
 /// Tokens the lab's default server accepts.
 pub const TOKENS: [&str; 2] = ["lab-token-1", "lab-token-2"];
 
@@ -46,6 +48,10 @@ pub struct Lab {
     keep_dir: bool,
     namespaces: Vec<String>,
     clients: usize,
+    /// Underlay address of each client, by index.
+    client_addrs: Vec<Ipv4Addr>,
+    /// The proxy namespace, once created.
+    proxy_ns: Option<String>,
     procs: Vec<Proc>,
     bin_dir: PathBuf,
     /// Certificates for the server (valid for 198.18.0.1 and "sallyport-lab").
@@ -68,6 +74,10 @@ impl Lab {
             keep_dir: std::env::var_os("SALLYPORT_KEEP_LAB").is_some(),
             namespaces: Vec::new(),
             clients,
+            client_addrs: (0..clients)
+                .map(|i| Ipv4Addr::new(198, 18, 0, 10 + i as u8))
+                .collect(),
+            proxy_ns: None,
             procs: Vec::new(),
             bin_dir: bin_dir()?,
             certs,
@@ -128,7 +138,90 @@ impl Lab {
 
     /// Client `i`'s underlay address.
     pub fn client_underlay(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(198, 18, 0, 10 + i as u8)
+        self.client_addrs[i]
+    }
+
+    /// The proxy namespace: on the server's underlay at [`PROXY_UNDERLAY`],
+    /// and the only way out for clients added with [`Lab::add_client_behind_proxy`].
+    /// Created on first use; it does not forward IP packets.
+    pub fn proxy_ns(&mut self) -> anyhow::Result<String> {
+        if let Some(ns) = &self.proxy_ns {
+            return Ok(ns.clone());
+        }
+        let ns = format!("{}-x", self.prefix);
+        let srv = self.server_ns();
+        self.add_ns(&ns)?;
+        run(&[
+            "ip", "link", "add", "vx", "netns", &srv, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        run(&["ip", "-n", &srv, "link", "set", "vx", "master", "br0", "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{PROXY_UNDERLAY}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=0",
+        ])?;
+        self.proxy_ns = Some(ns.clone());
+        Ok(ns)
+    }
+
+    /// Adds a client namespace whose only link goes to the proxy namespace
+    /// (198.19.k.2/24, the proxy at 198.19.k.1): it cannot reach the server
+    /// except through a proxy running there. Returns the client's index and
+    /// the proxy's address on its link.
+    pub fn add_client_behind_proxy(&mut self) -> anyhow::Result<(usize, Ipv4Addr)> {
+        let proxy = self.proxy_ns()?;
+        let i = self.clients;
+        let k = (i + 1) as u8;
+        let ns = self.client_ns(i);
+        self.add_ns(&ns)?;
+        let veth = format!("vp{i}");
+        run(&[
+            "ip", "link", "add", &veth, "netns", &proxy, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        let proxy_addr = Ipv4Addr::new(198, 19, k, 1);
+        let client_addr = Ipv4Addr::new(198, 19, k, 2);
+        run(&[
+            "ip",
+            "-n",
+            &proxy,
+            "addr",
+            "add",
+            &format!("{proxy_addr}/24"),
+            "dev",
+            &veth,
+        ])?;
+        run(&["ip", "-n", &proxy, "link", "set", &veth, "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{client_addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        self.clients += 1;
+        self.client_addrs.push(client_addr);
+        Ok((i, proxy_addr))
     }
 
     /// Number of client namespaces.
@@ -145,8 +238,18 @@ impl Lab {
     /// `extra` TOML appended inside the right sections (`[section]` headers in
     /// `extra` must not repeat the ones here; use `server_extra` etc.).
     pub fn server_config(&self, name: &str, sections: &ConfigExtra) -> anyhow::Result<PathBuf> {
+        // `listen_addr` in `sections.server` replaces the default one.
+        let listen = if sections
+            .server
+            .lines()
+            .any(|l| l.trim_start().starts_with("listen_addr"))
+        {
+            String::new()
+        } else {
+            format!("listen_addr = \"{SERVER_UNDERLAY}:443\"\n")
+        };
         let text = format!(
-            "[server]\nlisten_addr = \"{SERVER_UNDERLAY}:443\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}\n\
+            "[server]\n{listen}tls_cert = \"{}\"\ntls_key = \"{}\"\n{}\n\
              [vpn]\n{}\n[auth]\ntokens = [\"{}\", \"{}\"]\n{}\n",
             self.certs.cert.display(),
             self.certs.key.display(),
@@ -166,11 +269,15 @@ impl Lab {
         token: &str,
         sections: &ConfigExtra,
     ) -> anyhow::Result<PathBuf> {
+        let state = self.dir.join(format!("{name}.transport-state"));
         let text = format!(
             "[server]\nurl = \"wss://{SERVER_UNDERLAY}:443/tunnel\"\nca_file = \"{}\"\n{}\n\
+             [transport]\nstate_file = \"{}\"\n{}\n\
              [auth]\ntoken = \"{token}\"\n[vpn]\n{}\n{}\n",
             self.certs.ca.display(),
             sections.server,
+            state.display(),
+            sections.transport,
             sections.vpn,
             sections.rest,
         );
@@ -416,6 +523,8 @@ pub struct ConfigExtra {
     pub server: String,
     /// Lines in `[vpn]`.
     pub vpn: String,
+    /// Lines in `[transport]` (client configs only).
+    pub transport: String,
     /// Whole further sections (`[limits]`, `[reconnect]`, ...).
     pub rest: String,
 }

@@ -17,8 +17,13 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, Sink, Stream, StreamExt};
 pub use sallyport_core::Frame;
 
+pub mod connect;
+pub mod dial;
+pub mod framing;
+pub mod h2;
 pub mod listener;
 pub mod memory;
+pub mod raw;
 pub mod tls;
 pub mod ws;
 
@@ -32,6 +37,10 @@ pub type FrameSink = Pin<Box<dyn Sink<Frame, Error = TransportError> + Send>>;
 pub enum TransportKind {
     /// WebSocket (over TLS, or plain behind a reverse proxy).
     WebSocket,
+    /// A gRPC-shaped HTTP/2 stream (over TLS, or h2c behind a reverse proxy).
+    Http2,
+    /// Length-prefixed frames directly over TLS (ALPN `sallyport/1`).
+    RawTls,
     /// In-process, for tests.
     Memory,
 }
@@ -41,6 +50,8 @@ impl TransportKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             TransportKind::WebSocket => "wss",
+            TransportKind::Http2 => "h2",
+            TransportKind::RawTls => "tls",
             TransportKind::Memory => "memory",
         }
     }
@@ -132,6 +143,17 @@ pub enum TransportError {
     /// The peer sent something the transport cannot carry.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// The HTTP proxy failed or refused.
+    #[error("proxy {proxy}: {reason}")]
+    Proxy {
+        /// The proxy, without password.
+        proxy: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The HTTP/2 transport failed.
+    #[error("http/2: {0}")]
+    Http2(String),
     /// Binding a listening socket failed.
     #[error("bind {addr}: {source}")]
     Bind {
@@ -150,6 +172,12 @@ pub enum TransportError {
     /// The other end of an in-memory tunnel is gone.
     #[error("tunnel closed")]
     Closed,
+}
+
+impl From<hyper::Error> for TransportError {
+    fn from(e: hyper::Error) -> Self {
+        TransportError::Http2(e.to_string())
+    }
 }
 
 /// Awaits the first frame, then appends whatever else is ready without
@@ -172,4 +200,24 @@ pub async fn recv_ready(
         }
     }
     Ok(true)
+}
+
+/// A `Stream` over an mpsc receiver (one adapter; not worth a dependency).
+pub struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+impl<T> ReceiverStream<T> {
+    /// Wraps `rx`.
+    pub fn new(rx: tokio::sync::mpsc::Receiver<T>) -> Self {
+        Self(rx)
+    }
+}
+
+impl<T> Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
 }

@@ -1,9 +1,9 @@
 //! An in-memory transport: two tunnel ends joined by bounded channels. For
 //! tests of everything above the transports, without sockets.
 
+use crate::ReceiverStream;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
-use tokio_stream_shim::ReceiverStream;
 use tokio_util::sync::PollSender;
 
 use crate::{Frame, TransportError, TransportKind, Tunnel, TunnelInfo};
@@ -55,29 +55,6 @@ impl crate::Dial for MemoryDialer {
                 .map_err(|_| TransportError::Closed)?;
             Ok(client)
         })
-    }
-}
-
-mod tokio_stream_shim {
-    //! A minimal `Stream` over an mpsc receiver (avoids a dependency on
-    //! tokio-stream for one adapter).
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use tokio::sync::mpsc;
-
-    pub struct ReceiverStream<T>(mpsc::Receiver<T>);
-
-    impl<T> ReceiverStream<T> {
-        pub fn new(rx: mpsc::Receiver<T>) -> Self {
-            Self(rx)
-        }
-    }
-
-    impl<T> futures::Stream for ReceiverStream<T> {
-        type Item = T;
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-            self.0.poll_recv(cx)
-        }
     }
 }
 

@@ -2,7 +2,6 @@
 //! control messages, binary messages carry one IP packet each.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::tls::ClientTrust;
+use crate::connect::Connector;
 use crate::{Frame, TransportError, TransportKind, Tunnel, TunnelInfo};
 
 /// WebSocket limits for a largest message of `max_frame` bytes.
@@ -158,72 +157,49 @@ impl Endpoint {
 
 /// Dials WebSocket tunnels (over TLS unless the URL says `ws://`).
 pub struct WsDialer {
-    endpoint: Endpoint,
-    tls: Option<tokio_rustls::TlsConnector>,
+    connector: Connector,
+    request: http::Request<()>,
     max_frame: usize,
-    connect_timeout: Duration,
+    timeout: Duration,
 }
 
 impl WsDialer {
-    /// A dialer for `url`, trusting servers per `trust`.
+    /// A dialer for the WebSocket at `url`, reached through `connector`;
+    /// `host_header` overrides the `Host` sent (fronted deployments).
     pub fn new(
-        url: &str,
-        trust: &ClientTrust,
+        connector: Connector,
+        url: &url::Url,
+        host_header: Option<&str>,
         max_frame: usize,
-        connect_timeout: Duration,
+        timeout: Duration,
     ) -> Result<Self, TransportError> {
-        let endpoint = Endpoint::parse(url)?;
-        let tls = if endpoint.tls {
-            let cfg = crate::tls::client_config(trust, &[b"http/1.1"])?;
-            Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
-        } else {
-            None
-        };
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.as_str().into_client_request()?;
+        if let Some(h) = host_header {
+            let v = http::HeaderValue::from_str(h).map_err(|e| TransportError::InvalidUrl {
+                url: h.into(),
+                reason: format!("invalid host header: {e}"),
+            })?;
+            request.headers_mut().insert(http::header::HOST, v);
+        }
         Ok(Self {
-            endpoint,
-            tls,
+            connector,
+            request,
             max_frame,
-            connect_timeout,
+            timeout,
         })
     }
 
     async fn dial_inner(&self) -> Result<Tunnel, TransportError> {
-        let ep = &self.endpoint;
-        let tcp = connect_tcp(&ep.host, ep.port).await?;
-        let peer = tcp.peer_addr().ok();
+        let (io, peer, _alpn) = self.connector.connect(b"http/1.1").await?;
         let info = TunnelInfo {
             transport: TransportKind::WebSocket,
             peer,
         };
         let cfg = Some(websocket_config(self.max_frame));
-        let url = ep.url.as_str();
-        match &self.tls {
-            Some(connector) => {
-                let name =
-                    rustls::pki_types::ServerName::try_from(ep.host.clone()).map_err(|e| {
-                        TransportError::InvalidUrl {
-                            url: url.into(),
-                            reason: format!("host is not a valid TLS server name: {e}"),
-                        }
-                    })?;
-                let tls =
-                    connector
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|source| TransportError::Tls {
-                            peer: format!("{}:{}", ep.host, ep.port),
-                            source,
-                        })?;
-                let (ws, _resp) =
-                    tokio_tungstenite::client_async_with_config(url, tls, cfg).await?;
-                Ok(into_tunnel(ws, info))
-            }
-            None => {
-                let (ws, _resp) =
-                    tokio_tungstenite::client_async_with_config(url, tcp, cfg).await?;
-                Ok(into_tunnel(ws, info))
-            }
-        }
+        let (ws, _resp) =
+            tokio_tungstenite::client_async_with_config(self.request.clone(), io, cfg).await?;
+        Ok(into_tunnel(ws, info))
     }
 }
 
@@ -234,7 +210,7 @@ impl crate::Dial for WsDialer {
 
     fn dial(&self) -> futures::future::BoxFuture<'_, Result<Tunnel, TransportError>> {
         Box::pin(async move {
-            tokio::time::timeout(self.connect_timeout, self.dial_inner())
+            tokio::time::timeout(self.timeout, self.dial_inner())
                 .await
                 .map_err(|_| TransportError::Timeout("websocket connect"))?
         })

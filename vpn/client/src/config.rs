@@ -39,31 +39,82 @@ pub struct ServerSection {
     /// Time allowed for TCP, TLS and the transport handshake.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS server name to send instead of the URL's host (fronting).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// HTTP `Host` to send instead of the URL's host (fronting).
+    #[serde(default)]
+    pub host_header: Option<String>,
 }
 
 /// Which transport to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Try the transports in order and keep the first that works.
+    /// Try the transports in `order` and keep the first that works.
     Auto,
     /// WebSocket over TLS.
     Wss,
+    /// A gRPC-shaped HTTP/2 stream over TLS.
+    H2,
+    /// Length-prefixed frames directly over TLS.
+    Tls,
+}
+
+/// One transport, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebSocket.
+    Wss,
+    /// HTTP/2.
+    H2,
+    /// Raw TLS.
+    Tls,
+}
+
+impl Transport {
+    /// The transport crate's kind.
+    pub fn kind(self) -> sallyport_transports::TransportKind {
+        use sallyport_transports::TransportKind as K;
+        match self {
+            Transport::Wss => K::WebSocket,
+            Transport::H2 => K::Http2,
+            Transport::Tls => K::RawTls,
+        }
+    }
 }
 
 /// `[transport]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransportSection {
-    /// `auto` or `wss`.
+    /// `auto`, `wss`, `h2` or `tls`.
     #[serde(default = "default_mode")]
     pub mode: Mode,
+    /// The order `auto` tries (the last winner first).
+    #[serde(default = "default_order")]
+    pub order: Vec<Transport>,
+    /// Time each `auto` attempt gets to complete the VPN handshake.
+    #[serde(default = "default_attempt_timeout", with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// HTTP CONNECT proxy, `http://[user:pass@]host:port`; `"none"` ignores
+    /// the environment; absent: `https_proxy`/`HTTPS_PROXY` and `NO_PROXY`.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// Where `auto` remembers the last transport that worked.
+    #[serde(default = "default_state_file")]
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for TransportSection {
     fn default() -> Self {
         Self {
             mode: default_mode(),
+            order: default_order(),
+            attempt_timeout: default_attempt_timeout(),
+            proxy: None,
+            state_file: default_state_file(),
         }
     }
 }
@@ -168,6 +219,23 @@ fn default_connect_timeout() -> Duration {
 fn default_mode() -> Mode {
     Mode::Auto
 }
+/// Fastest first: raw TLS has the least overhead and fails at once (no ALPN
+/// match) where something in between speaks only HTTP; HTTP/2 passes gRPC
+/// fronts (nginx grpc_pass, CDNs); WebSocket passes almost everything.
+fn default_order() -> Vec<Transport> {
+    vec![Transport::Tls, Transport::H2, Transport::Wss]
+}
+fn default_attempt_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_state_file() -> Option<PathBuf> {
+    if cfg!(windows) {
+        std::env::var_os("ProgramData")
+            .map(|p| PathBuf::from(p).join("Sallyport").join("transport-state"))
+    } else {
+        Some(PathBuf::from("/var/lib/sallyport/client-transport"))
+    }
+}
 fn default_interface() -> String {
     "sallyport0".into()
 }
@@ -244,8 +312,29 @@ impl ClientConfig {
             key,
             reason,
         };
-        sallyport_transports::ws::Endpoint::parse(&raw.server.url)
+        let endpoint = sallyport_transports::ws::Endpoint::parse(&raw.server.url)
             .map_err(|e| invalid("server.url", e.to_string()))?;
+        if raw.transport.mode == Mode::Tls && !endpoint.tls {
+            return Err(invalid(
+                "transport.mode",
+                "tls needs a wss:// or https:// server.url".into(),
+            ));
+        }
+        if raw.transport.order.is_empty() {
+            return Err(invalid(
+                "transport.order",
+                "must name at least one transport".into(),
+            ));
+        }
+        if let Some(p) = raw
+            .transport
+            .proxy
+            .as_deref()
+            .filter(|p| *p != "none" && !p.is_empty())
+        {
+            sallyport_transports::connect::Proxy::parse(p)
+                .map_err(|e| invalid("transport.proxy", e.to_string()))?;
+        }
         if raw.auth.token.expose().is_empty() {
             return Err(invalid("auth.token", "must not be empty".into()));
         }
@@ -346,6 +435,41 @@ token = "secret-token-1"
             .expect_err("invalid")
             .to_string();
         assert!(e.contains("server.ca_file"), "{e}");
+    }
+
+    #[test]
+    fn auto_defaults_to_tls_h2_wss() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(
+            c.transport.order,
+            vec![Transport::Tls, Transport::H2, Transport::Wss]
+        );
+    }
+
+    #[test]
+    fn proxy_is_validated_and_never_echoes_the_password() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[transport]\nproxy = \"socks5://u:hunter2@h:1\""
+        ))
+        .expect_err("invalid")
+        .to_string();
+        assert!(
+            e.contains("transport.proxy") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let ok = parse(&format!(
+            "{MINIMAL}\n[transport]\nproxy = \"http://u:p@proxy:3128\""
+        ));
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn raw_tls_needs_a_tls_url() {
+        let text = MINIMAL.replace("wss://", "ws://");
+        let e = parse(&format!("{text}\n[transport]\nmode = \"tls\""))
+            .expect_err("invalid")
+            .to_string();
+        assert!(e.contains("transport.mode"), "{e}");
     }
 
     #[test]

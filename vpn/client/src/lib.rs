@@ -14,9 +14,11 @@ use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use sallyport_core::message::{Auth, AuthResponse, Control, Ping, Pong, Reconnect};
 use sallyport_core::{Frame, PacketBatch, MAX_BATCH};
+use sallyport_transports::dial::{self, ClientSettings};
 use sallyport_transports::tls::ClientTrust;
-use sallyport_transports::ws::WsDialer;
-use sallyport_transports::{recv_ready, Dial, FrameSink, FrameStream, TransportError};
+use sallyport_transports::{
+    recv_ready, Dial, FrameSink, FrameStream, TransportError, TransportKind, Tunnel,
+};
 use sallyport_tun::{TunConfig, TunDevice, TunError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -58,28 +60,51 @@ impl From<TunError> for AttemptError {
     }
 }
 
-/// Builds the dialer for the configured transport.
-pub fn dialer(cfg: &ClientConfig) -> Result<Box<dyn Dial>, TransportError> {
-    let trust = ClientTrust {
-        insecure: !cfg.server.verify_tls,
-        ca_file: cfg.server.ca_file.clone(),
-    };
-    // Frames from the server are at most one packet of our MTU, or a control
-    // message; leave generous room.
-    let max_frame = usize::from(cfg.vpn.mtu).max(65_535);
-    match cfg.transport.mode {
-        config::Mode::Auto | config::Mode::Wss => Ok(Box::new(WsDialer::new(
-            &cfg.server.url,
-            &trust,
-            max_frame,
-            cfg.server.connect_timeout,
-        )?)),
+/// The transport settings shared by every dialer.
+pub fn settings(cfg: &ClientConfig) -> ClientSettings {
+    ClientSettings {
+        url: cfg.server.url.clone(),
+        trust: ClientTrust {
+            insecure: !cfg.server.verify_tls,
+            ca_file: cfg.server.ca_file.clone(),
+        },
+        proxy: cfg.transport.proxy.clone(),
+        sni: cfg.server.sni.clone(),
+        host_header: cfg.server.host_header.clone(),
+        // Frames from the server are at most one packet of our MTU, or a
+        // control message; leave generous room.
+        max_frame: usize::from(cfg.vpn.mtu).max(65_535),
+        timeout: cfg.server.connect_timeout,
     }
 }
 
-/// Checks what `--check-config` can check beyond parsing: the TLS setup.
+/// The dialers to try, in order: one for a fixed mode, the configured order
+/// for `auto` (raw TLS left out when the URL is cleartext).
+pub fn dialers(cfg: &ClientConfig) -> Result<Vec<Box<dyn Dial>>, TransportError> {
+    let s = settings(cfg);
+    let kinds: Vec<TransportKind> = match cfg.transport.mode {
+        config::Mode::Wss => vec![TransportKind::WebSocket],
+        config::Mode::H2 => vec![TransportKind::Http2],
+        config::Mode::Tls => vec![TransportKind::RawTls],
+        config::Mode::Auto => {
+            let tls = sallyport_transports::ws::Endpoint::parse(&cfg.server.url)?.tls;
+            let mut kinds: Vec<TransportKind> = Vec::new();
+            for t in &cfg.transport.order {
+                let k = t.kind();
+                if (tls || k != TransportKind::RawTls) && !kinds.contains(&k) {
+                    kinds.push(k);
+                }
+            }
+            kinds
+        }
+    };
+    kinds.into_iter().map(|k| dial::dialer(k, &s)).collect()
+}
+
+/// Checks what `--check-config` can check beyond parsing: the TLS setup and
+/// the proxy.
 pub fn check(cfg: &ClientConfig) -> Result<(), TransportError> {
-    dialer(cfg).map(|_| ())
+    dialers(cfg).map(|_| ())
 }
 
 /// Runs the client until `shutdown` is cancelled or a permanent error.
@@ -89,21 +114,22 @@ pub async fn run(cfg: ClientConfig, shutdown: CancellationToken) -> Result<(), C
             "verify_tls = false: the server's certificate is NOT checked (testing only)"
         );
     }
-    let dialer = dialer(&cfg).map_err(ClientError::Setup)?;
+    let dialers = dialers(&cfg).map_err(ClientError::Setup)?;
     let client_id = format!("{:032x}", rand::random::<u128>());
     let mut state = State {
         device: None,
         previous: None,
+        preferred: read_preferred(&cfg),
     };
     let mut backoff = Backoff::new(cfg.reconnect.min_backoff, cfg.reconnect.max_backoff);
     let mut attempt: u64 = 0;
     let result = loop {
         attempt += 1;
-        let span = tracing::info_span!("attempt", n = attempt, transport = %dialer.kind());
+        let span = tracing::info_span!("attempt", n = attempt);
         let started = Instant::now();
         let r = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            r = connect_and_run(&cfg, dialer.as_ref(), &client_id, &mut state, &shutdown).instrument(span) => r,
+            r = connect_and_run(&cfg, &dialers, &client_id, &mut state, &shutdown).instrument(span) => r,
         };
         match r {
             Ok(reason) => tracing::warn!(%reason, "session ended"),
@@ -135,6 +161,38 @@ pub async fn run(cfg: ClientConfig, shutdown: CancellationToken) -> Result<(), C
 struct State {
     device: Option<TunDevice>,
     previous: Option<Ipv4Addr>,
+    /// The transport that worked last (tried first by `auto`).
+    preferred: Option<TransportKind>,
+}
+
+fn read_preferred(cfg: &ClientConfig) -> Option<TransportKind> {
+    if cfg.transport.mode != config::Mode::Auto {
+        return None;
+    }
+    let path = cfg.transport.state_file.as_ref()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let kind = TransportKind::parse(text.trim());
+    if let Some(k) = kind {
+        tracing::info!(transport = %k, file = %path.display(), "trying the last transport that worked first");
+    }
+    kind
+}
+
+fn write_preferred(cfg: &ClientConfig, kind: TransportKind) {
+    let Some(path) = cfg.transport.state_file.as_ref() else {
+        return;
+    };
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{kind}\n"))?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(file = %path.display(), error = %e, "cannot remember the transport that worked");
+    }
 }
 
 struct Assigned {
@@ -146,33 +204,59 @@ struct Assigned {
 
 async fn connect_and_run(
     cfg: &ClientConfig,
-    dialer: &dyn Dial,
+    dialers: &[Box<dyn Dial>],
     client_id: &str,
     state: &mut State,
     shutdown: &CancellationToken,
 ) -> Result<String, AttemptError> {
-    tracing::info!(url = %cfg.server.url, "connecting");
-    let mut tunnel = dialer.dial().await?;
-    let hello = match state.previous {
-        Some(previous_ip) => Control::Reconnect(Reconnect {
-            token: cfg.auth.token.clone(),
-            previous_ip,
-            client_id: Some(client_id.into()),
-        }),
-        None => Control::Auth(Auth {
-            token: cfg.auth.token.clone(),
-            client_id: Some(client_id.into()),
-        }),
+    let auto = cfg.transport.mode == config::Mode::Auto;
+    let mut order: Vec<&dyn Dial> = dialers.iter().map(|d| d.as_ref()).collect();
+    if let Some(p) = state.preferred {
+        order.sort_by_key(|d| d.kind() != p);
+    }
+    let limit = if auto {
+        cfg.transport.attempt_timeout
+    } else {
+        cfg.server.connect_timeout * 2
     };
-    tunnel.tx.send(hello.into()).await?;
-    let resp = tokio::time::timeout(
-        cfg.server.connect_timeout,
-        await_auth_response(&mut tunnel.rx),
-    )
-    .await
-    .map_err(|_| AttemptError::Handshake("no auth_response in time".into()))??;
-    let assigned = accept_response(cfg, resp)?;
-
+    let mut failures = Vec::new();
+    let mut established = None;
+    for dialer in order {
+        let kind = dialer.kind();
+        tracing::info!(url = %cfg.server.url, transport = %kind, "connecting");
+        let r = tokio::time::timeout(limit, establish(cfg, dialer, client_id, state.previous))
+            .await
+            .unwrap_or_else(|_| {
+                Err(AttemptError::Handshake(format!(
+                    "no session within {limit:?}"
+                )))
+            });
+        match r {
+            Ok(ok) => {
+                established = Some((kind, ok));
+                break;
+            }
+            Err(AttemptError::Refused(reason)) if reason == "auth_failed" => {
+                return Err(AttemptError::Refused(reason))
+            }
+            Err(e) => {
+                if auto {
+                    tracing::warn!(transport = %kind, error = %e, "transport failed, trying the next");
+                }
+                failures.push(format!("{kind}: {e}"));
+            }
+        }
+    }
+    let Some((kind, (tunnel, assigned))) = established else {
+        return Err(AttemptError::Handshake(failures.join("; ")));
+    };
+    if auto {
+        tracing::info!(transport = %kind, "transport selected: {kind}");
+        if state.preferred != Some(kind) {
+            write_preferred(cfg, kind);
+            state.preferred = Some(kind);
+        }
+    }
     match &state.device {
         None => {
             let dev = TunDevice::create(&TunConfig {
@@ -218,6 +302,36 @@ async fn connect_and_run(
     session.cancel();
     let up_reason = up.await.ok().flatten();
     Ok(up_reason.unwrap_or(reason))
+}
+
+/// Dials one transport and completes the VPN handshake on it.
+async fn establish(
+    cfg: &ClientConfig,
+    dialer: &dyn Dial,
+    client_id: &str,
+    previous: Option<Ipv4Addr>,
+) -> Result<(Tunnel, Assigned), AttemptError> {
+    let mut tunnel = dialer.dial().await?;
+    let hello = match previous {
+        Some(previous_ip) => Control::Reconnect(Reconnect {
+            token: cfg.auth.token.clone(),
+            previous_ip,
+            client_id: Some(client_id.into()),
+        }),
+        None => Control::Auth(Auth {
+            token: cfg.auth.token.clone(),
+            client_id: Some(client_id.into()),
+        }),
+    };
+    tunnel.tx.send(hello.into()).await?;
+    let resp = tokio::time::timeout(
+        cfg.server.connect_timeout,
+        await_auth_response(&mut tunnel.rx),
+    )
+    .await
+    .map_err(|_| AttemptError::Handshake("no auth_response in time".into()))??;
+    let assigned = accept_response(cfg, resp)?;
+    Ok((tunnel, assigned))
 }
 
 async fn await_auth_response(rx: &mut FrameStream) -> Result<AuthResponse, AttemptError> {

@@ -41,6 +41,13 @@ pub struct ServerSection {
     /// HTTP path of the tunnel.
     #[serde(default = "default_path")]
     pub path: String,
+    /// Reverse proxies whose `X-Forwarded-For` names the real client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// An HTML file served to GET requests that are not tunnel requests
+    /// (default: a plain 404).
+    #[serde(default)]
+    pub static_page: Option<PathBuf>,
 }
 
 /// `[vpn]`: the virtual LAN.
@@ -282,6 +289,14 @@ impl ServerConfig {
         }
         if !raw.server.path.starts_with('/') {
             return Err(invalid("server.path", "must start with '/'".into()));
+        }
+        if let Some(page) = &raw.server.static_page {
+            if !page.is_file() {
+                return Err(invalid(
+                    "server.static_page",
+                    format!("{} does not exist or is not a file", page.display()),
+                ));
+            }
         }
         if raw.auth.tokens.is_empty() {
             return Err(invalid(

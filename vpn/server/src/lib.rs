@@ -35,6 +35,15 @@ pub enum ServerError {
     /// Could not listen.
     #[error("listen: {0}")]
     Listen(#[source] TransportError),
+    /// The static page could not be read.
+    #[error("read server.static_page {path}: {source}")]
+    StaticPage {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Could not create or use the TUN device.
     #[error(transparent)]
     Tun(#[from] TunError),
@@ -59,13 +68,24 @@ pub fn check(cfg: &ServerConfig) -> Result<(), ServerError> {
 /// Runs the server until `shutdown` is cancelled, then stops accepting, closes
 /// every session and removes the TUN device.
 pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
-    let tls = sallyport_transports::tls::server_config(
-        &cfg.server.tls_cert,
-        &cfg.server.tls_key,
-        &[b"http/1.1"],
-    )?;
+    let tls =
+        sallyport_transports::tls::server_config(&cfg.server.tls_cert, &cfg.server.tls_key, &[])?;
+    let static_page = match &cfg.server.static_page {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|source| ServerError::StaticPage {
+                    path: p.clone(),
+                    source,
+                })?
+                .into(),
+        ),
+        None => None,
+    };
     let mut listener = Listener::bind(ListenerConfig {
         listen_addr: cfg.server.listen_addr,
+        plain_addr: cfg.server.plain_listen_addr,
+        trusted_proxies: cfg.server.trusted_proxies.clone(),
+        static_page,
         tls: Arc::new(tls),
         path: cfg.server.path.clone(),
         max_frame: cfg.limits.max_frame_size,
@@ -74,7 +94,14 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
     })
     .await
     .map_err(ServerError::Listen)?;
-    tracing::info!(addr = %listener.local_addr(), path = %cfg.server.path, "listening (TLS)");
+    tracing::info!(
+        addr = %listener.local_addr(),
+        path = %cfg.server.path,
+        "listening (TLS: raw sallyport/1, h2, http/1.1)"
+    );
+    if let Some(plain) = listener.plain_addr() {
+        tracing::info!(addr = %plain, "listening (cleartext: http/1.1 websocket, h2c)");
+    }
 
     let tun = TunDevice::create(&TunConfig {
         name: cfg.vpn.interface_name.clone(),
