@@ -11,6 +11,7 @@ have iperf3  || need+=(iperf3)
 have capsh   || need+=(libcap2-bin)
 have ss      || need+=(iproute2)
 have openssl || need+=(openssl)
+have curl    || need+=(curl)
 
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
