@@ -139,3 +139,125 @@ impl Service<PacketBatch> for HubRouter {
         std::future::ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use sallyport_core::ip::build_ipv4;
+    use tokio::sync::mpsc;
+    use tower::ServiceExt;
+
+    use crate::pool::IpPool;
+
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
+
+    fn hub(capacity: usize) -> (Arc<Hub>, mpsc::Receiver<PacketBatch>) {
+        let subnet = "10.100.0.0/24".parse().expect("net");
+        let (tx, rx) = mpsc::channel(capacity);
+        let pool = IpPool::new(subnet, SERVER, Duration::from_secs(1));
+        (Arc::new(Hub::new(pool, subnet, SERVER, tx)), rx)
+    }
+
+    fn to_server() -> PacketBatch {
+        vec![Bytes::from(build_ipv4(CLIENT, SERVER, 1, b"x"))].into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_router_is_ready_only_while_the_tun_queue_has_room() {
+        let (hub, mut tun) = hub(1);
+        let mut router = HubRouter::new(hub);
+        router
+            .ready()
+            .await
+            .expect("room")
+            .call(to_server())
+            .await
+            .expect("routed");
+        let mut ready = std::pin::pin!(async { router.ready().await.map(|_| ()) });
+        assert!(
+            futures::poll!(ready.as_mut()).is_pending(),
+            "a full TUN queue holds the reader back"
+        );
+        assert_eq!(tun.recv().await.expect("batch").len(), 1);
+        ready.await.expect("room again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_with_nothing_for_the_tun_gives_its_slot_back() {
+        let (hub, mut tun) = hub(1);
+        let mut router = HubRouter::new(hub.clone());
+        let nobody: PacketBatch = vec![Bytes::from(build_ipv4(
+            CLIENT,
+            Ipv4Addr::new(10, 100, 0, 9),
+            1,
+            b"x",
+        ))]
+        .into();
+        for _ in 0..3 {
+            router
+                .ready()
+                .await
+                .expect("room")
+                .call(nobody.clone())
+                .await
+                .expect("ok");
+        }
+        assert_eq!(
+            hub.stats().dropped(Direction::Decap, DropReason::NoRoute),
+            3
+        );
+        assert!(tun.try_recv().is_err(), "nothing was sent to the TUN");
+        drop(tun);
+        let err = router.ready().await.map(|_| ()).expect_err("closed");
+        assert!(matches!(err, MiddlewareError::Closed(_)), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn switched_off_layers_are_left_out() {
+        let (hub, _tun) = hub(4);
+        let stats = StatsHandle::detached();
+        let new = NewPipeline {
+            anti_spoof: false,
+            stats: false,
+            compression_threshold: 128,
+            mtu: 1420,
+        };
+        let target = SessionTarget {
+            addr: CLIENT,
+            rate: None,
+            compression: false,
+            stats: stats.clone(),
+        };
+        let (mut decap, mut encap) = new.new_session(&target, HubRouter::new(hub));
+        // A forged source passes (anti-spoof off), nothing is counted (stats off).
+        let forged: PacketBatch = vec![Bytes::from(build_ipv4(
+            Ipv4Addr::new(10, 100, 0, 99),
+            SERVER,
+            1,
+            b"x",
+        ))]
+        .into();
+        decap
+            .ready()
+            .await
+            .expect("ready")
+            .call(forged)
+            .await
+            .expect("ok");
+        let out = encap
+            .ready()
+            .await
+            .expect("ready")
+            .call(to_server())
+            .await
+            .expect("ok");
+        assert_eq!(out, to_server());
+        let c = stats.global_counters();
+        assert_eq!(c.dropped_total(DropReason::Spoofed), 0);
+        assert_eq!(c.packets(Direction::Decap) + c.packets(Direction::Encap), 0);
+    }
+}
