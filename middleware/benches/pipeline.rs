@@ -1,8 +1,9 @@
 //! The packet pipeline's cost per packet: one packet's whole way through the
 //! middleware, the sender's encap stack (anti-spoof, compress, stats) and the
 //! receiver's decap stack (stats, decompress, anti-spoof, rate limit), into a
-//! null sink. All layers on (compressible and incompressible payloads) next
-//! to all layers off, at batch sizes 1 and 32.
+//! null sink. All layers on (compressible and incompressible payloads), all
+//! on but lz4 (compression not negotiated, the default), and all layers off,
+//! at batch sizes 1 and 32.
 //!
 //! `cargo bench -p sallyport-middleware` prints criterion's figures and then
 //! a table of ns/packet and packets/s measured in the same run.
@@ -60,8 +61,10 @@ fn packet(kind: Payload, seed: u32) -> Bytes {
 type Pipe = Box<dyn FnMut(PacketBatch) -> usize>;
 
 /// Both stacks, with every layer on or every layer left out (`option_layer`
-/// with `None`, as the binaries do when the config switches a layer off).
-fn pipeline(on: bool) -> Pipe {
+/// with `None`, as the binaries do when the config switches a layer off);
+/// `lz4` adds the compression pair.
+fn pipeline(on: bool, lz4: bool) -> Pipe {
+    let lz4 = on && lz4;
     let stats = StatsHandle::detached();
     let fast = Rate::new(
         NonZeroU64::new(1 << 40).expect("nonzero"),
@@ -71,12 +74,12 @@ fn pipeline(on: bool) -> Pipe {
         .option_layer(on.then(|| {
             AntiSpoofLayer::new(Check::Source, SRC, None, stats.clone(), Direction::Encap)
         }))
-        .option_layer(on.then(|| CompressLayer::new(128, stats.clone())))
+        .option_layer(lz4.then(|| CompressLayer::new(128, stats.clone())))
         .option_layer(on.then(|| StatsLayer::new(stats.clone(), Direction::Encap)))
         .service(Passthrough);
     let mut decap = ServiceBuilder::new()
         .option_layer(on.then(|| StatsLayer::new(stats.clone(), Direction::Decap)))
-        .option_layer(on.then(|| DecompressLayer::new(1500, stats.clone())))
+        .option_layer(lz4.then(|| DecompressLayer::new(1500, stats.clone())))
         .option_layer(on.then(|| {
             AntiSpoofLayer::new(Check::Source, SRC, None, stats.clone(), Direction::Decap)
         }))
@@ -110,10 +113,16 @@ where
 
 use std::future::Future;
 
-const CASES: [(&str, bool, Payload); 3] = [
-    ("all on, compressible", true, Payload::Compressible),
-    ("all on, incompressible", true, Payload::Incompressible),
-    ("all off", false, Payload::Incompressible),
+const CASES: [(&str, bool, bool, Payload); 4] = [
+    ("all on, compressible", true, true, Payload::Compressible),
+    (
+        "all on, incompressible",
+        true,
+        true,
+        Payload::Incompressible,
+    ),
+    ("all on but lz4", true, false, Payload::Incompressible),
+    ("all off", false, false, Payload::Incompressible),
 ];
 
 fn batch(kind: Payload, n: usize) -> PacketBatch {
@@ -126,9 +135,9 @@ fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
     for n in [1usize, 32] {
-        for (name, on, kind) in CASES {
+        for (name, on, lz4, kind) in CASES {
             let input = batch(kind, n);
-            let mut pipe = pipeline(on);
+            let mut pipe = pipeline(on, lz4);
             g.throughput(Throughput::Elements(n as u64));
             g.bench_with_input(BenchmarkId::new(name, n), &input, |b, input| {
                 b.iter_batched(
@@ -150,9 +159,9 @@ fn table() {
         "pipeline", "batch", "ns/packet", "packets/s"
     );
     for n in [1usize, 32] {
-        for (name, on, kind) in CASES {
+        for (name, on, lz4, kind) in CASES {
             let input = batch(kind, n);
-            let mut pipe = pipeline(on);
+            let mut pipe = pipeline(on, lz4);
             // Warm up, then measure for a fixed wall time.
             for _ in 0..1000 {
                 pipe(input.clone());
