@@ -489,6 +489,122 @@ impl Lab {
     }
 }
 
+/// One iperf3 client for [`Lab::iperf3_many`].
+#[derive(Debug, Clone)]
+pub struct Iperf3Run {
+    /// Namespace the client runs in.
+    pub from_ns: String,
+    /// Namespace the server runs in.
+    pub to_ns: String,
+    /// Address the server binds to.
+    pub to_addr: Ipv4Addr,
+    /// Parallel streams.
+    pub streams: u32,
+    /// Further client arguments (e.g. `--repeating-payload`, `-O 1`).
+    pub extra: Vec<String>,
+}
+
+impl Lab {
+    /// Runs several iperf3 clients at the same time, each against its own
+    /// server, for `secs` seconds; returns each receiver's throughput in
+    /// bit/s, in the order given.
+    pub fn iperf3_many(&mut self, runs: &[Iperf3Run], secs: u32) -> anyhow::Result<Vec<f64>> {
+        let mut servers = Vec::new();
+        let mut ports = Vec::new();
+        for r in runs {
+            let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 1000) as u16;
+            let (p, addr) = (port.to_string(), r.to_addr.to_string());
+            let srv = self.spawn_in(
+                &r.to_ns,
+                "iperf3-server",
+                &["iperf3", "-s", "-1", "-B", &addr, "-p", &p],
+            )?;
+            servers.push(srv);
+            let ready = wait_for(Duration::from_secs(5), || {
+                let o = self
+                    .exec(&r.to_ns, &["ss", "-Hltn", &format!("sport = :{port}")])
+                    .ok()?;
+                (!o.stdout.is_empty()).then_some(())
+            });
+            if ready.is_none() {
+                for s in servers {
+                    self.kill(s);
+                }
+                bail!("iperf3 server did not start in {}", r.to_ns);
+            }
+            ports.push(port);
+        }
+        let mut clients = Vec::new();
+        for (r, port) in runs.iter().zip(&ports) {
+            let child = Command::new("ip")
+                .args(["netns", "exec", &r.from_ns, "timeout"])
+                .arg((secs + 15).to_string())
+                .args([
+                    "iperf3",
+                    "-c",
+                    &r.to_addr.to_string(),
+                    "-p",
+                    &port.to_string(),
+                ])
+                .args(["-t", &secs.to_string(), "-P", &r.streams.to_string(), "-J"])
+                .args(&r.extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("spawn iperf3 in {}", r.from_ns))?;
+            clients.push(child);
+        }
+        let outputs: Vec<_> = clients.into_iter().map(|c| c.wait_with_output()).collect();
+        for s in servers {
+            self.kill(s);
+        }
+        let mut result = Vec::new();
+        for out in outputs {
+            let out = out.context("wait for iperf3")?;
+            let json: serde_json::Value =
+                serde_json::from_slice(&out.stdout).with_context(|| {
+                    format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr))
+                })?;
+            if let Some(e) = json.get("error") {
+                bail!("iperf3: {e}");
+            }
+            result.push(
+                json["end"]["sum_received"]["bits_per_second"]
+                    .as_f64()
+                    .context("iperf3 reported no throughput")?,
+            );
+        }
+        Ok(result)
+    }
+
+    /// `GET http://{addr}{path}` from inside namespace `ns` (with curl);
+    /// the body of a 2xx answer.
+    pub fn http_get(
+        &self,
+        ns: &str,
+        addr: std::net::SocketAddr,
+        path: &str,
+    ) -> anyhow::Result<String> {
+        let url = format!("http://{addr}{path}");
+        let out = self.exec(ns, &["curl", "-sS", "--fail", "--max-time", "5", &url])?;
+        if !out.status.success() {
+            bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A counter of `ifname` in `ns` from sysfs, e.g. `rx_packets`.
+    pub fn if_stat(&self, ns: &str, ifname: &str, stat: &str) -> anyhow::Result<u64> {
+        let path = format!("/sys/class/net/{ifname}/statistics/{stat}");
+        let out = self.exec(ns, &["cat", &path])?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .with_context(|| format!("read {path} in {ns}"))
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         for p in &mut self.procs {

@@ -20,6 +20,8 @@ pub struct ClientConfig {
     pub vpn: VpnSection,
     /// `[reconnect]`.
     pub reconnect: ReconnectSection,
+    /// `[pipeline]`.
+    pub pipeline: PipelineSection,
     /// `[logging]`.
     pub logging: LoggingSection,
 }
@@ -141,6 +143,11 @@ pub struct VpnSection {
     /// intervals means the server is gone.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub keepalive_interval: Duration,
+    /// Offer lz4 compression to the server (used only if it accepts). Off by
+    /// default: compression next to attacker-chosen data leaks through
+    /// packet lengths (VORACLE).
+    #[serde(default)]
+    pub compression: bool,
 }
 
 impl Default for VpnSection {
@@ -149,8 +156,39 @@ impl Default for VpnSection {
             interface_name: default_interface(),
             mtu: default_mtu(),
             keepalive_interval: default_keepalive(),
+            compression: false,
         }
     }
+}
+
+/// `[pipeline]`: switches for the packet pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Drop packets from the TUN whose source is not the assigned address,
+    /// and packets from the server whose destination is not.
+    #[serde(default = "yes")]
+    pub anti_spoof: bool,
+    /// Count packets and bytes each way (logged when a session ends).
+    #[serde(default = "yes")]
+    pub stats: bool,
+    /// With compression, packets smaller than this are sent as they are.
+    #[serde(default = "default_compression_threshold")]
+    pub compression_threshold_bytes: usize,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
+            anti_spoof: true,
+            stats: true,
+            compression_threshold_bytes: default_compression_threshold(),
+        }
+    }
+}
+
+fn default_compression_threshold() -> usize {
+    sallyport_middleware::compress::DEFAULT_THRESHOLD
 }
 
 /// `[reconnect]`: exponential backoff with jitter.
@@ -206,6 +244,8 @@ struct RawConfig {
     vpn: VpnSection,
     #[serde(default)]
     reconnect: ReconnectSection,
+    #[serde(default)]
+    pipeline: PipelineSection,
     #[serde(default)]
     logging: LoggingSection,
 }
@@ -380,6 +420,7 @@ impl ClientConfig {
             auth: raw.auth,
             vpn: raw.vpn,
             reconnect: raw.reconnect,
+            pipeline: raw.pipeline,
             logging: raw.logging,
         })
     }
@@ -470,6 +511,27 @@ token = "secret-token-1"
             .expect_err("invalid")
             .to_string();
         assert!(e.contains("transport.mode"), "{e}");
+    }
+
+    #[test]
+    fn compression_is_not_offered_by_default_and_the_pipeline_is_on() {
+        let c = parse(MINIMAL).expect("valid");
+        assert!(!c.vpn.compression);
+        assert!(c.pipeline.anti_spoof && c.pipeline.stats);
+        assert_eq!(c.pipeline.compression_threshold_bytes, 128);
+        let c = parse(&format!(
+            "{MINIMAL}[vpn]\ncompression = true\n[pipeline]\nanti_spoof = false"
+        ))
+        .expect("valid");
+        assert!(c.vpn.compression && !c.pipeline.anti_spoof);
+    }
+
+    #[test]
+    fn unknown_pipeline_keys_are_refused_by_name() {
+        let e = parse(&format!("{MINIMAL}[pipeline]\nantispoof = false"))
+            .expect_err("invalid")
+            .to_string();
+        assert!(e.contains("antispoof") && e.contains("client.toml"), "{e}");
     }
 
     #[test]

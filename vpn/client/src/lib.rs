@@ -6,14 +6,19 @@
 
 pub mod backoff;
 pub mod config;
+pub mod pipeline;
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
-use sallyport_core::message::{Auth, AuthResponse, Control, Ping, Pong, Reconnect};
+use sallyport_core::message::{
+    Auth, AuthResponse, Control, Ping, Pong, Reconnect, COMPRESSION_LZ4,
+};
 use sallyport_core::{Frame, PacketBatch, MAX_BATCH};
+use sallyport_middleware::{Counters, StatsHandle};
 use sallyport_transports::dial::{self, ClientSettings};
 use sallyport_transports::tls::ClientTrust;
 use sallyport_transports::{
@@ -22,10 +27,12 @@ use sallyport_transports::{
 use sallyport_tun::{TunConfig, TunDevice, TunError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
+use crate::pipeline::{PacketStack, SessionTarget};
 
 /// Why the client stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +127,7 @@ pub async fn run(cfg: ClientConfig, shutdown: CancellationToken) -> Result<(), C
         device: None,
         previous: None,
         preferred: read_preferred(&cfg),
+        counters: Counters::new_shared(),
     };
     let mut backoff = Backoff::new(cfg.reconnect.min_backoff, cfg.reconnect.max_backoff);
     let mut attempt: u64 = 0;
@@ -163,6 +171,8 @@ struct State {
     previous: Option<Ipv4Addr>,
     /// The transport that worked last (tried first by `auto`).
     preferred: Option<TransportKind>,
+    /// Since the client started, over all sessions.
+    counters: Arc<Counters>,
 }
 
 fn read_preferred(cfg: &ClientConfig) -> Option<TransportKind> {
@@ -195,11 +205,13 @@ fn write_preferred(cfg: &ClientConfig, kind: TransportKind) {
     }
 }
 
+#[derive(Debug)]
 struct Assigned {
     addr: Ipv4Addr,
     prefix: u8,
     mtu: u16,
     keepalive: Duration,
+    compression: bool,
 }
 
 async fn connect_and_run(
@@ -286,6 +298,17 @@ async fn connect_and_run(
         return Err(AttemptError::Handshake("no device".into()));
     };
 
+    if assigned.compression {
+        tracing::info!("lz4 compression negotiated");
+    }
+    let target = SessionTarget {
+        addr: assigned.addr,
+        mtu: assigned.mtu,
+        compression: assigned.compression,
+        stats: StatsHandle::global(state.counters.clone()),
+    };
+    let (encap_stack, decap_stack) = pipeline::new_session(&cfg.pipeline, &target);
+
     let session = shutdown.child_token();
     let (ctrl_tx, ctrl_rx) = mpsc::channel::<Control>(8);
     let up = tokio::spawn(
@@ -295,12 +318,22 @@ async fn connect_and_run(
             ctrl_rx,
             assigned.keepalive,
             session.clone(),
+            encap_stack,
         )
         .in_current_span(),
     );
-    let reason = decap(dev, tunnel.rx, ctrl_tx, assigned.keepalive, &session).await;
+    let reason = decap(
+        dev,
+        tunnel.rx,
+        ctrl_tx,
+        assigned.keepalive,
+        &session,
+        decap_stack,
+    )
+    .await;
     session.cancel();
     let up_reason = up.await.ok().flatten();
+    tracing::info!("stats: {}", state.counters.summary());
     Ok(up_reason.unwrap_or(reason))
 }
 
@@ -312,15 +345,18 @@ async fn establish(
     previous: Option<Ipv4Addr>,
 ) -> Result<(Tunnel, Assigned), AttemptError> {
     let mut tunnel = dialer.dial().await?;
+    let compression = cfg.vpn.compression.then(|| vec![COMPRESSION_LZ4.into()]);
     let hello = match previous {
         Some(previous_ip) => Control::Reconnect(Reconnect {
             token: cfg.auth.token.clone(),
             previous_ip,
             client_id: Some(client_id.into()),
+            compression,
         }),
         None => Control::Auth(Auth {
             token: cfg.auth.token.clone(),
             client_id: Some(client_id.into()),
+            compression,
         }),
     };
     tunnel.tx.send(hello.into()).await?;
@@ -387,11 +423,21 @@ fn accept_response(cfg: &ClientConfig, r: AuthResponse) -> Result<Assigned, Atte
         .keepalive_secs
         .filter(|s| *s > 0)
         .map_or(cfg.vpn.keepalive_interval, Duration::from_secs);
+    let compression = match r.compression.as_deref() {
+        None => false,
+        Some(COMPRESSION_LZ4) if cfg.vpn.compression => true,
+        Some(other) => {
+            return Err(bad(&format!(
+                "server chose compression {other:?}, which this client did not offer"
+            )))
+        }
+    };
     Ok(Assigned {
         addr,
         prefix: subnet.prefix_len(),
         mtu,
         keepalive,
+        compression,
     })
 }
 
@@ -403,6 +449,7 @@ async fn encap(
     mut ctrl: mpsc::Receiver<Control>,
     keepalive: Duration,
     session: CancellationToken,
+    mut stack: impl PacketStack,
 ) -> Option<String> {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -417,9 +464,19 @@ async fn encap(
                 _ = tick.tick() => tx.feed(Control::Ping(Ping::default()).into()).await.map_err(|e| format!("send: {e}"))?,
                 r = dev.recv_batch(&mut buf, &mut batch) => {
                     r.map_err(|e| format!("TUN read: {e}"))?;
-                    for p in batch.drain() {
+                    let input = std::mem::take(&mut batch);
+                    let mut out = stack
+                        .ready()
+                        .await
+                        .map_err(|e| format!("pipeline: {e}"))?
+                        .call(input)
+                        .await
+                        .map_err(|e| format!("pipeline: {e}"))?;
+                    for p in out.drain() {
                         tx.feed(Frame::Packet(p)).await.map_err(|e| format!("send: {e}"))?;
                     }
+                    // Reuse the allocation for the next read.
+                    batch = out;
                 }
             }
             tx.flush().await.map_err(|e| format!("send: {e}"))?;
@@ -438,9 +495,11 @@ async fn decap(
     ctrl: mpsc::Sender<Control>,
     keepalive: Duration,
     session: &CancellationToken,
+    mut stack: impl PacketStack,
 ) -> String {
     let silence = keepalive * 3;
     let mut frames = Vec::with_capacity(MAX_BATCH);
+    let mut batch = PacketBatch::new();
     loop {
         frames.clear();
         let r = tokio::select! {
@@ -454,11 +513,7 @@ async fn decap(
         };
         for f in frames.drain(..) {
             match f {
-                Frame::Packet(p) => {
-                    if let Err(e) = dev.send(&p).await {
-                        tracing::debug!(error = %e, "TUN write failed");
-                    }
-                }
+                Frame::Packet(p) => batch.push(p),
                 Frame::Control(b) => match Control::decode(&b) {
                     Ok(Control::Ping(Ping { seq })) => {
                         let _ = ctrl.try_send(Control::Pong(Pong { seq }));
@@ -468,8 +523,72 @@ async fn decap(
                 },
             }
         }
+        if !batch.is_empty() {
+            let input = std::mem::take(&mut batch);
+            let r = async { stack.ready().await?.call(input).await }.await;
+            let mut out = match r {
+                Ok(out) => out,
+                Err(e) => return format!("pipeline: {e}"),
+            };
+            for p in out.drain() {
+                if let Err(e) = dev.send(&p).await {
+                    tracing::debug!(error = %e, "TUN write failed");
+                }
+            }
+            batch = out;
+        }
         if !open {
             return "server closed the connection".into();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(offer: bool) -> ClientConfig {
+        let text = format!(
+            "[server]\nurl = \"wss://vpn.example.com/tunnel\"\n[auth]\ntoken = \"t\"\n\
+             [vpn]\ncompression = {offer}\n"
+        );
+        ClientConfig::from_toml_str(&text, Path::new("client.toml")).expect("valid")
+    }
+
+    fn welcome(compression: Option<&str>) -> AuthResponse {
+        AuthResponse {
+            success: true,
+            assigned_ip: Some(Ipv4Addr::new(10, 100, 0, 2)),
+            subnet: Some("10.100.0.0/24".into()),
+            server_ip: Some(Ipv4Addr::new(10, 100, 0, 1)),
+            mtu: Some(1420),
+            compression: compression.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn compression_is_on_only_when_offered_and_accepted() {
+        let on = accept_response(&cfg(true), welcome(Some("lz4"))).expect("ok");
+        assert!(on.compression);
+        let declined = accept_response(&cfg(true), welcome(None)).expect("ok");
+        assert!(
+            !declined.compression,
+            "a server without it answers without it"
+        );
+        let old = accept_response(&cfg(false), welcome(None)).expect("ok");
+        assert!(!old.compression);
+    }
+
+    #[test]
+    fn compression_the_client_did_not_offer_is_a_handshake_error() {
+        for (offer, answer) in [(false, "lz4"), (true, "zstd")] {
+            let e = accept_response(&cfg(offer), welcome(Some(answer))).expect_err("refused");
+            assert!(
+                matches!(e, AttemptError::Handshake(ref m) if m.contains("did not offer")),
+                "{e}"
+            );
         }
     }
 }

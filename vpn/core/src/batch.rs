@@ -57,6 +57,12 @@ impl PacketBatch {
         self.packets.retain(keep);
     }
 
+    /// Keeps only the packets for which `keep` returns true; `keep` may
+    /// replace a packet (a layer that rewrites packets and drops some).
+    pub fn retain_mut(&mut self, keep: impl FnMut(&mut Bytes) -> bool) {
+        self.packets.retain_mut(keep);
+    }
+
     /// The packets, in order.
     pub fn iter(&self) -> std::slice::Iter<'_, Bytes> {
         self.packets.iter()
@@ -81,6 +87,21 @@ impl PacketBatch {
 impl From<Vec<Bytes>> for PacketBatch {
     fn from(packets: Vec<Bytes>) -> Self {
         Self { packets }
+    }
+}
+
+impl From<PacketBatch> for Vec<Bytes> {
+    /// The packets, keeping the allocation for reuse.
+    fn from(batch: PacketBatch) -> Self {
+        batch.packets
+    }
+}
+
+impl FromIterator<Bytes> for PacketBatch {
+    fn from_iter<I: IntoIterator<Item = Bytes>>(iter: I) -> Self {
+        Self {
+            packets: iter.into_iter().collect(),
+        }
     }
 }
 

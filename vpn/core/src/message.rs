@@ -61,6 +61,9 @@ pub struct Auth {
     /// replace this client's stale session at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// Extension: compression algorithms the client offers, e.g. `["lz4"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Vec<String>>,
 }
 
 /// `{"type":"reconnect","token":...,"previous_ip":...}`.
@@ -73,6 +76,9 @@ pub struct Reconnect {
     /// Extension: see [`Auth::client_id`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// Extension: see [`Auth::compression`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Vec<String>>,
 }
 
 /// `{"type":"auth_response","success":...}`.
@@ -101,6 +107,20 @@ pub struct AuthResponse {
     /// Extension: the server's id for this session, for correlating logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
+    /// Extension: the compression the server accepted from the client's
+    /// offer (`"lz4"`); absent: none, and packets are raw both ways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+}
+
+/// The name of lz4 packet compression in `compression` fields.
+pub const COMPRESSION_LZ4: &str = "lz4";
+
+/// Whether an `auth`/`reconnect` offer includes lz4.
+pub fn offers_lz4(offer: &Option<Vec<String>>) -> bool {
+    offer
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|a| a == COMPRESSION_LZ4))
 }
 
 /// `{"type":"ping"}`.
@@ -196,6 +216,7 @@ mod tests {
         let c = Control::Auth(Auth {
             token: Token::new("secret-token-1"),
             client_id: None,
+            compression: None,
         });
         assert_eq!(
             to_value(&c),
@@ -209,6 +230,7 @@ mod tests {
             token: Token::new("t"),
             previous_ip: Ipv4Addr::new(10, 100, 0, 7),
             client_id: None,
+            compression: None,
         });
         assert_eq!(
             to_value(&c),
@@ -256,11 +278,13 @@ mod tests {
             Control::Auth(Auth {
                 token: Token::new("a"),
                 client_id: Some("c1".into()),
+                compression: Some(vec!["lz4".into()]),
             }),
             Control::Reconnect(Reconnect {
                 token: Token::new("a"),
                 previous_ip: Ipv4Addr::new(10, 0, 0, 9),
                 client_id: None,
+                compression: Some(vec![]),
             }),
             Control::AuthResponse(AuthResponse {
                 success: false,
@@ -282,6 +306,27 @@ mod tests {
         let a =
             Control::decode(br#"{"type":"auth","token":"x","compression":["lz4"]}"#).expect("ok");
         assert_eq!(a.kind(), "auth");
+    }
+
+    #[test]
+    fn compression_fields_are_optional_and_named_as_documented() {
+        let a = Control::decode(br#"{"type":"auth","token":"x","compression":["zstd","lz4"]}"#)
+            .expect("ok");
+        let Control::Auth(a) = a else {
+            panic!("auth expected")
+        };
+        assert!(offers_lz4(&a.compression));
+        assert!(!offers_lz4(&None));
+        assert!(!offers_lz4(&Some(vec!["zstd".into()])));
+        let r = Control::AuthResponse(AuthResponse {
+            success: true,
+            compression: Some(COMPRESSION_LZ4.into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            to_value(&r),
+            json!({"type":"auth_response","success":true,"compression":"lz4"})
+        );
     }
 
     #[test]
@@ -342,6 +387,7 @@ mod tests {
         let a = Control::Auth(Auth {
             token: t,
             client_id: None,
+            compression: None,
         });
         assert!(!format!("{a:?}").contains("hunter2"));
     }

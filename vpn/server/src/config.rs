@@ -5,8 +5,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::num::NonZeroU64;
+
 use ipnet::Ipv4Net;
 use sallyport_core::message::Token;
+use sallyport_middleware::Rate;
 use serde::Deserialize;
 
 /// A validated server configuration.
@@ -20,8 +23,24 @@ pub struct ServerConfig {
     pub auth: AuthSection,
     /// `[limits]`.
     pub limits: LimitsSection,
+    /// `[compression]`.
+    pub compression: CompressionSection,
+    /// `[pipeline]`.
+    pub pipeline: PipelineSection,
+    /// `[admin]`.
+    pub admin: AdminSection,
     /// `[logging]`.
     pub logging: LoggingSection,
+    /// The rate limit of each token (by index into `auth.tokens`), resolved
+    /// from `limits.rate_limit_*` and `[[limits.per_token]]`; `None`: unlimited.
+    pub rate_limits: Vec<Option<Rate>>,
+}
+
+impl ServerConfig {
+    /// The rate limit for sessions of token `index`; `None`: unlimited.
+    pub fn rate_limit_for(&self, index: usize) -> Option<Rate> {
+        self.rate_limits.get(index).copied().flatten()
+    }
 }
 
 /// `[server]`: where and how to listen.
@@ -101,6 +120,17 @@ pub struct LimitsSection {
     /// Packets queued towards one client before further ones are dropped.
     #[serde(default = "default_session_queue")]
     pub session_queue: usize,
+    /// Rate limit of every session, each direction separately, in bytes per
+    /// second of tunnel traffic (0: unlimited). Over it, packets are dropped.
+    #[serde(default)]
+    pub rate_limit_bytes_per_sec: u64,
+    /// Burst above the rate, bytes (default: a tenth of a second's worth, at
+    /// least 64 KiB). Must be at least `vpn.mtu`.
+    #[serde(default)]
+    pub rate_limit_burst_bytes: Option<u64>,
+    /// Overrides of the rate limit for single tokens.
+    #[serde(default)]
+    pub per_token: Vec<PerTokenLimit>,
 }
 
 impl Default for LimitsSection {
@@ -110,8 +140,80 @@ impl Default for LimitsSection {
             auth_timeout: default_auth_timeout(),
             max_unauthenticated: default_max_unauthenticated(),
             session_queue: default_session_queue(),
+            rate_limit_bytes_per_sec: 0,
+            rate_limit_burst_bytes: None,
+            per_token: Vec::new(),
         }
     }
+}
+
+/// `[[limits.per_token]]`: the rate limit of the sessions of one token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerTokenLimit {
+    /// Which token: its index in `auth.tokens`, from 0.
+    pub token_index: usize,
+    /// As `limits.rate_limit_bytes_per_sec` (0: unlimited for this token).
+    pub rate_limit_bytes_per_sec: u64,
+    /// As `limits.rate_limit_burst_bytes`.
+    #[serde(default)]
+    pub rate_limit_burst_bytes: Option<u64>,
+}
+
+/// `[compression]`: lz4 per packet, when a client offers it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionSection {
+    /// Accept a client's offer of lz4. Off by default: compression next to
+    /// attacker-chosen data leaks through lengths (VORACLE).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Packets smaller than this are sent as they are, without trying.
+    #[serde(default = "default_compression_threshold")]
+    pub threshold_bytes: usize,
+}
+
+impl Default for CompressionSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            threshold_bytes: default_compression_threshold(),
+        }
+    }
+}
+
+/// `[pipeline]`: switches for the per-session packet pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Drop packets from a client whose source is not its assigned address.
+    #[serde(default = "yes")]
+    pub anti_spoof: bool,
+    /// Count packets and bytes each way (metrics, status, the stats line).
+    #[serde(default = "yes")]
+    pub stats: bool,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
+            anti_spoof: true,
+            stats: true,
+        }
+    }
+}
+
+/// `[admin]`: the metrics and status endpoint (off without `listen_addr`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Where to serve `GET /metrics`, `/status` and `/healthz` (plain HTTP:
+    /// keep it on loopback or a management network).
+    #[serde(default)]
+    pub listen_addr: Option<SocketAddr>,
+    /// Also export per-session series (one set per connected client).
+    #[serde(default)]
+    pub per_session_metrics: bool,
 }
 
 /// `[logging]`.
@@ -140,7 +242,35 @@ struct RawConfig {
     #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
+    compression: CompressionSection,
+    #[serde(default)]
+    pipeline: PipelineSection,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
     logging: LoggingSection,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_compression_threshold() -> usize {
+    sallyport_middleware::compress::DEFAULT_THRESHOLD
+}
+
+/// The rate for `bytes_per_sec` (0: none) with `burst` or its default.
+fn rate(bytes_per_sec: u64, burst: Option<u64>, mtu: u16) -> Result<Option<Rate>, String> {
+    let Some(per_sec) = NonZeroU64::new(bytes_per_sec) else {
+        return Ok(None);
+    };
+    let burst = burst.unwrap_or((bytes_per_sec / 10).max(64 * 1024));
+    if burst < u64::from(mtu) {
+        return Err(format!(
+            "burst of {burst} bytes is below vpn.mtu ({mtu}): full-size packets could never pass"
+        ));
+    }
+    let burst = NonZeroU64::new(burst).ok_or("burst must be positive")?;
+    Ok(Some(Rate::new(per_sec, burst)))
 }
 
 fn default_listen() -> SocketAddr {
@@ -320,12 +450,55 @@ impl ServerConfig {
                 "max_unauthenticated and session_queue must be positive".into(),
             ));
         }
+        let l = &raw.limits;
+        let default_rate = rate(
+            l.rate_limit_bytes_per_sec,
+            l.rate_limit_burst_bytes,
+            vpn.mtu,
+        )
+        .map_err(|r| invalid("limits.rate_limit_burst_bytes", r))?;
+        let mut rate_limits = vec![default_rate; raw.auth.tokens.len()];
+        let mut seen = vec![false; raw.auth.tokens.len()];
+        for o in &l.per_token {
+            let n = raw.auth.tokens.len();
+            let Some(slot) = rate_limits.get_mut(o.token_index) else {
+                return Err(invalid(
+                    "limits.per_token.token_index",
+                    format!(
+                        "{} is not an index into auth.tokens (0..{n})",
+                        o.token_index
+                    ),
+                ));
+            };
+            if std::mem::replace(&mut seen[o.token_index], true) {
+                return Err(invalid(
+                    "limits.per_token.token_index",
+                    format!("token {} has more than one override", o.token_index),
+                ));
+            }
+            *slot = rate(
+                o.rate_limit_bytes_per_sec,
+                o.rate_limit_burst_bytes,
+                vpn.mtu,
+            )
+            .map_err(|r| invalid("limits.per_token.rate_limit_burst_bytes", r))?;
+        }
+        if raw.compression.threshold_bytes > usize::from(u16::MAX) {
+            return Err(invalid(
+                "compression.threshold_bytes",
+                "must be at most 65535".into(),
+            ));
+        }
         Ok(Self {
             server: raw.server,
             vpn: raw.vpn,
             auth: raw.auth,
             limits: raw.limits,
+            compression: raw.compression,
+            pipeline: raw.pipeline,
+            admin: raw.admin,
             logging: raw.logging,
+            rate_limits,
         })
     }
 }
@@ -454,6 +627,70 @@ level = "info"
         .expect("valid");
         assert_eq!(c.vpn.lease_grace, Duration::from_secs(120));
         assert_eq!(c.vpn.keepalive_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn pipeline_defaults_are_safe() {
+        let c = parse(MINIMAL).expect("valid");
+        assert!(!c.compression.enabled, "compression is off by default");
+        assert_eq!(c.compression.threshold_bytes, 128);
+        assert!(c.pipeline.anti_spoof && c.pipeline.stats);
+        assert_eq!(c.admin.listen_addr, None, "no admin endpoint by default");
+        assert!(!c.admin.per_session_metrics);
+        assert_eq!(c.rate_limit_for(0), None, "unlimited by default");
+    }
+
+    #[test]
+    fn rate_limits_resolve_per_token_with_a_default_burst() {
+        let c = parse(&MINIMAL.replace(
+            "tokens = [\"secret-token-1\"]",
+            "tokens = [\"a\", \"b\", \"c\"]\n\
+             [limits]\nrate_limit_bytes_per_sec = 1000000\n\
+             [[limits.per_token]]\ntoken_index = 1\nrate_limit_bytes_per_sec = 0\n\
+             [[limits.per_token]]\ntoken_index = 2\nrate_limit_bytes_per_sec = 2500000\nrate_limit_burst_bytes = 30000\n\
+             [admin]\nlisten_addr = \"127.0.0.1:9100\"\nper_session_metrics = true",
+        ))
+        .expect("valid");
+        let r0 = c.rate_limit_for(0).expect("default applies");
+        assert_eq!((r0.bytes_per_sec(), r0.burst_bytes()), (1_000_000, 100_000));
+        assert_eq!(c.rate_limit_for(1), None, "override to unlimited");
+        let r2 = c.rate_limit_for(2).expect("override");
+        assert_eq!((r2.bytes_per_sec(), r2.burst_bytes()), (2_500_000, 30_000));
+        assert_eq!(
+            c.admin.listen_addr,
+            Some("127.0.0.1:9100".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn a_per_token_override_for_a_missing_token_is_refused() {
+        let e = err(&format!(
+            "{MINIMAL}[limits]\n[[limits.per_token]]\ntoken_index = 1\nrate_limit_bytes_per_sec = 10"
+        ));
+        assert!(
+            e.contains("server.toml") && e.contains("limits.per_token.token_index"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_burst_below_the_mtu_is_refused() {
+        let e = err(&format!(
+            "{MINIMAL}[limits]\nrate_limit_bytes_per_sec = 100000\nrate_limit_burst_bytes = 1000"
+        ));
+        assert!(e.contains("limits.rate_limit_burst_bytes"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_in_new_sections_are_refused() {
+        for (section, key) in [
+            ("compression", "enable"),
+            ("pipeline", "antispoof"),
+            ("admin", "listen"),
+        ] {
+            let e = err(&format!("{MINIMAL}[{section}]\n{key} = true"));
+            assert!(e.contains(key) && e.contains("server.toml"), "{e}");
+        }
     }
 
     #[test]

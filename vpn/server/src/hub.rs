@@ -1,107 +1,29 @@
 //! The hub: which session owns which address, and where each packet goes.
 //!
-//! Routing (docs/PROTOCOL.md, "Routing"): a packet from a client whose source
-//! is not its assigned address is dropped and counted; to another client it
-//! goes straight to that client's queue; to the server address or outside the
-//! subnet it goes to the TUN device; from the TUN it goes to the client owning
-//! the destination, else it is dropped and counted.
+//! Routing (docs/PROTOCOL.md, "Routing"): a packet from a client to another
+//! client goes straight to that client's queue; to the server address or
+//! outside the subnet it goes to the TUN device; from the TUN it goes to the
+//! client owning the destination, else it is dropped and counted. Packets
+//! from a client whose source is not its assigned address never get here:
+//! the session's anti-spoof layer (see [`crate::pipeline`]) drops them.
+//!
+//! The hub counts its own drops (no route, full queue, TUN gone) into the
+//! same global [`Counters`] as the pipeline layers.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use ipnet::Ipv4Net;
 use sallyport_core::ip::IpHeader;
 use sallyport_core::PacketBatch;
+use sallyport_middleware::{Counters, Direction, DropReason};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::{Exhausted, Grant, IpPool, Owner};
-
-/// Why a packet was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// Source address is not the session's.
-    Spoofed,
-    /// No session owns the destination.
-    NoRoute,
-    /// The destination session's queue was full (a slow client).
-    QueueFull,
-    /// Not a valid IP packet.
-    Malformed,
-    /// IPv6, which this server does not route.
-    Ipv6,
-    /// The TUN device's queue was full or it is gone.
-    TunUnavailable,
-}
-
-impl DropReason {
-    /// Every reason, in counter order.
-    pub const ALL: [DropReason; 6] = [
-        DropReason::Spoofed,
-        DropReason::NoRoute,
-        DropReason::QueueFull,
-        DropReason::Malformed,
-        DropReason::Ipv6,
-        DropReason::TunUnavailable,
-    ];
-
-    /// Name for logs and metrics.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            DropReason::Spoofed => "spoofed",
-            DropReason::NoRoute => "no_route",
-            DropReason::QueueFull => "queue_full",
-            DropReason::Malformed => "malformed",
-            DropReason::Ipv6 => "ipv6",
-            DropReason::TunUnavailable => "tun_unavailable",
-        }
-    }
-}
-
-/// Global counters; atomics, no lock on the packet path.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Packets received from clients.
-    pub rx_packets: AtomicU64,
-    /// Bytes received from clients.
-    pub rx_bytes: AtomicU64,
-    /// Packets sent to clients.
-    pub tx_packets: AtomicU64,
-    /// Bytes sent to clients.
-    pub tx_bytes: AtomicU64,
-    drops: [AtomicU64; DropReason::ALL.len()],
-}
-
-impl Stats {
-    /// Counts a dropped packet.
-    pub fn drop_packet(&self, reason: DropReason) {
-        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Packets dropped for `reason` so far.
-    pub fn dropped(&self, reason: DropReason) -> u64 {
-        self.drops[reason as usize].load(Ordering::Relaxed)
-    }
-
-    /// One line for the periodic log.
-    pub fn summary(&self) -> String {
-        let mut s = format!(
-            "rx {} pkts / {} B, tx {} pkts / {} B, drops:",
-            self.rx_packets.load(Ordering::Relaxed),
-            self.rx_bytes.load(Ordering::Relaxed),
-            self.tx_packets.load(Ordering::Relaxed),
-            self.tx_bytes.load(Ordering::Relaxed),
-        );
-        for r in DropReason::ALL {
-            s.push_str(&format!(" {}={}", r.as_str(), self.dropped(r)));
-        }
-        s
-    }
-}
 
 /// How the hub reaches a session.
 #[derive(Debug, Clone)]
@@ -122,7 +44,29 @@ pub struct Hub {
     routes: RwLock<HashMap<Ipv4Addr, SessionHandle>>,
     pool: Mutex<IpPool>,
     to_tun: mpsc::Sender<PacketBatch>,
-    stats: Stats,
+    stats: Arc<Counters>,
+    meta: RwLock<BTreeMap<u64, Arc<SessionMeta>>>,
+}
+
+/// What the status endpoint shows about a session.
+#[derive(Debug)]
+pub struct SessionMeta {
+    /// Server-wide unique id.
+    pub id: u64,
+    /// Assigned tunnel address.
+    pub addr: Ipv4Addr,
+    /// Which of `auth.tokens` it authenticated with.
+    pub token_index: usize,
+    /// Transport name (`wss`, ...).
+    pub transport: &'static str,
+    /// The peer's socket address, if known.
+    pub peer: Option<SocketAddr>,
+    /// When the session was established.
+    pub since: SystemTime,
+    /// Whether lz4 compression was negotiated.
+    pub compression: bool,
+    /// The session's own counters.
+    pub counters: Arc<Counters>,
 }
 
 impl Hub {
@@ -139,13 +83,31 @@ impl Hub {
             routes: RwLock::new(HashMap::new()),
             pool: Mutex::new(pool),
             to_tun,
-            stats: Stats::default(),
+            stats: Counters::new_shared(),
+            meta: RwLock::new(BTreeMap::new()),
         }
     }
 
-    /// The counters.
-    pub fn stats(&self) -> &Stats {
+    /// The global counters.
+    pub fn stats(&self) -> &Arc<Counters> {
         &self.stats
+    }
+
+    /// The queue towards the TUN writer.
+    pub fn tun_sender(&self) -> mpsc::Sender<PacketBatch> {
+        self.to_tun.clone()
+    }
+
+    /// Lists a session for the status endpoint (until it unregisters).
+    pub fn attach_meta(&self, meta: Arc<SessionMeta>) {
+        let mut m = self.meta.write().unwrap_or_else(|p| p.into_inner());
+        m.insert(meta.id, meta);
+    }
+
+    /// The sessions listed, by id.
+    pub fn session_meta(&self) -> Vec<Arc<SessionMeta>> {
+        let m = self.meta.read().unwrap_or_else(|p| p.into_inner());
+        m.values().cloned().collect()
     }
 
     /// The tunnel subnet.
@@ -193,46 +155,40 @@ impl Hub {
                 routes.remove(&addr);
             }
         }
+        {
+            let mut m = self.meta.write().unwrap_or_else(|p| p.into_inner());
+            m.remove(&session);
+        }
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.release(addr, session, Instant::now());
     }
 
-    /// Routes a batch that arrived from the client at `from`. Packets for the
-    /// TUN are returned as one batch for the caller to send, so that no lock is
-    /// held across an await.
-    pub fn route_from_client(&self, from: Ipv4Addr, batch: &mut PacketBatch) -> PacketBatch {
+    /// Routes a batch that arrived from a client (after its pipeline). Packets
+    /// for the TUN are returned as one batch for the caller to send, so that
+    /// no lock is held across an await.
+    pub fn route_from_client(&self, batch: &mut PacketBatch) -> PacketBatch {
         let mut to_tun = PacketBatch::new();
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
         for packet in batch.drain() {
-            self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .rx_bytes
-                .fetch_add(packet.len() as u64, Ordering::Relaxed);
-            let hdr = match IpHeader::parse(&packet) {
-                Ok(IpHeader::V4(h)) => h,
+            let dst = match IpHeader::parse(&packet) {
+                Ok(IpHeader::V4(h)) => h.dst,
                 Ok(IpHeader::V6(_)) => {
-                    self.stats.drop_packet(DropReason::Ipv6);
+                    self.drop_packet(Direction::Decap, DropReason::Ipv6);
                     continue;
                 }
                 Err(e) => {
                     tracing::trace!(error = %e, "malformed packet from client");
-                    self.stats.drop_packet(DropReason::Malformed);
+                    self.drop_packet(Direction::Decap, DropReason::Malformed);
                     continue;
                 }
             };
-            if hdr.src != from {
-                tracing::trace!(src = %hdr.src, expected = %from, "spoofed source");
-                self.stats.drop_packet(DropReason::Spoofed);
-                continue;
-            }
-            let dst = hdr.dst;
             if dst == self.server_ip || !self.subnet.contains(&dst) {
                 to_tun.push(packet);
                 continue;
             }
             match routes.get(&dst) {
                 Some(peer) => self.enqueue(peer, packet),
-                None => self.stats.drop_packet(DropReason::NoRoute),
+                None => self.drop_packet(Direction::Decap, DropReason::NoRoute),
             }
         }
         to_tun
@@ -245,17 +201,17 @@ impl Hub {
             let dst = match IpHeader::parse(&packet).map(|h| h.dst()) {
                 Ok(IpAddr::V4(d)) => d,
                 Ok(IpAddr::V6(_)) => {
-                    self.stats.drop_packet(DropReason::Ipv6);
+                    self.drop_packet(Direction::Encap, DropReason::Ipv6);
                     continue;
                 }
                 Err(_) => {
-                    self.stats.drop_packet(DropReason::Malformed);
+                    self.drop_packet(Direction::Encap, DropReason::Malformed);
                     continue;
                 }
             };
             match routes.get(&dst) {
                 Some(peer) => self.enqueue(peer, packet),
-                None => self.stats.drop_packet(DropReason::NoRoute),
+                None => self.drop_packet(Direction::Encap, DropReason::NoRoute),
             }
         }
     }
@@ -263,19 +219,13 @@ impl Hub {
     fn enqueue(&self, peer: &SessionHandle, packet: Bytes) {
         // A slow client fills only its own queue; never wait on it.
         if peer.tx.try_send(packet).is_err() {
-            self.stats.drop_packet(DropReason::QueueFull);
+            self.drop_packet(Direction::Encap, DropReason::QueueFull);
         }
     }
 
-    /// Hands packets to the TUN writer, waiting while its queue is full (the
-    /// sender's TCP then slows down, which is the right back-pressure).
-    pub async fn send_to_tun(&self, batch: PacketBatch) {
-        let n = batch.len() as u64;
-        if self.to_tun.send(batch).await.is_err() {
-            for _ in 0..n {
-                self.stats.drop_packet(DropReason::TunUnavailable);
-            }
-        }
+    /// Counts a packet the hub dropped.
+    pub fn drop_packet(&self, dir: Direction, reason: DropReason) {
+        self.stats.record_drops(dir, reason, 1);
     }
 
     /// Cancels every session (shutdown).

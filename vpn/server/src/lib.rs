@@ -3,8 +3,10 @@
 //!
 //! Depends on the transports, the device and the core; never on the client.
 
+pub mod admin;
 pub mod config;
 pub mod hub;
+pub mod pipeline;
 pub mod pool;
 pub mod session;
 
@@ -22,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
-use crate::hub::{DropReason, Hub};
+use crate::hub::Hub;
+use crate::pipeline::NewPipeline;
 use crate::pool::IpPool;
 use crate::session::SessionConfig;
+use sallyport_middleware::{Direction, DropReason};
 
 /// Why the server could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,15 @@ pub enum ServerError {
     /// Could not create or use the TUN device.
     #[error(transparent)]
     Tun(#[from] TunError),
+    /// Could not listen for the admin endpoint.
+    #[error("admin listen_addr {addr}: {source}")]
+    AdminListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The TUN device failed while running.
     #[error("TUN device {name} failed: {source}")]
     TunIo {
@@ -119,7 +132,29 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
         keepalive: cfg.vpn.keepalive_interval,
         mtu: cfg.vpn.mtu,
         queue_len: cfg.limits.session_queue,
+        pipeline: NewPipeline {
+            anti_spoof: cfg.pipeline.anti_spoof,
+            stats: cfg.pipeline.stats,
+            compression_threshold: cfg.compression.threshold_bytes,
+            mtu: cfg.vpn.mtu,
+        },
+        compression: cfg.compression.enabled,
+        rate_limits: cfg.rate_limits.clone().into(),
     });
+    if !cfg.pipeline.anti_spoof {
+        tracing::warn!("[pipeline] anti_spoof = false: clients may send from any source address");
+    }
+    let admin = match cfg.admin.listen_addr {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::AdminListen { addr, source })?;
+            tracing::info!(%addr, "admin endpoint: /metrics, /status, /healthz");
+            let per_session = cfg.admin.per_session_metrics;
+            Some(tokio::spawn(admin::serve(l, hub.clone(), per_session)))
+        }
+    };
 
     let tun_writer = tokio::spawn(tun_writer(tun.clone(), from_hub, hub.clone()));
     let mut tun_reader = tokio::spawn(tun_reader(tun.clone(), hub.clone()));
@@ -158,6 +193,9 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
     tun_reader.abort();
     tun_writer.abort();
     stats.abort();
+    if let Some(a) = admin {
+        a.abort();
+    }
     let _ = tun_reader.await;
     let _ = tun_writer.await;
     tracing::info!(interface = tun.name(), "removing TUN device");
@@ -180,7 +218,7 @@ async fn tun_writer(tun: TunDevice, mut rx: mpsc::Receiver<PacketBatch>, hub: Ar
         for p in batch {
             if let Err(e) = tun.send(&p).await {
                 tracing::debug!(error = %e, "TUN write failed");
-                hub.stats().drop_packet(DropReason::TunUnavailable);
+                hub.drop_packet(Direction::Decap, DropReason::TunUnavailable);
             }
         }
     }

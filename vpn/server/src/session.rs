@@ -3,19 +3,24 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use sallyport_core::message::{AuthResponse, Control, Ping, Pong, Token};
+use sallyport_core::message::{
+    offers_lz4, AuthResponse, Control, Ping, Pong, Token, COMPRESSION_LZ4,
+};
 use sallyport_core::{Frame, PacketBatch, MAX_BATCH};
+use sallyport_middleware::{Counters, Direction, DropReason, MiddlewareError, Rate, StatsHandle};
 use sallyport_transports::{recv_ready, FrameSink, Tunnel};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use crate::hub::{DropReason, Hub, SessionHandle};
+use crate::hub::{Hub, SessionHandle, SessionMeta};
+use crate::pipeline::{HubRouter, NewPipeline, SessionTarget};
 use crate::pool::{Owner, Reuse};
 
 /// What every session needs to know, shared.
@@ -31,6 +36,12 @@ pub struct SessionConfig {
     pub mtu: u16,
     /// Packets queued towards a client before drops.
     pub queue_len: usize,
+    /// Builds each session's packet pipeline.
+    pub pipeline: NewPipeline,
+    /// Whether a client's offer of lz4 is accepted.
+    pub compression: bool,
+    /// The rate limit of each token's sessions, by token index.
+    pub rate_limits: Arc<[Option<Rate>]>,
 }
 
 /// Runs a session on `tunnel` until it ends. Never panics on peer input;
@@ -63,6 +74,7 @@ struct Hello {
     token: usize,
     previous: Option<Ipv4Addr>,
     client_id: Option<String>,
+    offers_lz4: bool,
 }
 
 async fn run_inner(
@@ -72,6 +84,7 @@ async fn run_inner(
     id: u64,
     shutdown: CancellationToken,
 ) {
+    let (transport, peer) = (tunnel.info.transport, tunnel.info.peer);
     let hello = match handshake(&cfg, &mut tunnel).await {
         Ok(h) => h,
         Err(refusal) => {
@@ -90,6 +103,7 @@ async fn run_inner(
         tx: pkt_tx,
         cancel: cancel.clone(),
     };
+    let token_index = hello.token;
     let owner = Owner {
         token: hello.token,
         client_id: hello.client_id,
@@ -118,6 +132,38 @@ async fn run_inner(
         tracing::info!(replaced = old, "replaced this client's stale session");
     }
 
+    let compression = cfg.compression && hello.offers_lz4;
+    let counters = Counters::new_shared();
+    let target = SessionTarget {
+        addr,
+        rate: cfg.rate_limits.get(token_index).copied().flatten(),
+        compression,
+        stats: StatsHandle::with_session(hub.stats().clone(), counters.clone()),
+    };
+    if compression {
+        tracing::info!("lz4 compression negotiated");
+    }
+    if let Some(r) = target.rate {
+        tracing::debug!(
+            bytes_per_sec = r.bytes_per_sec(),
+            burst_bytes = r.burst_bytes(),
+            "rate limited"
+        );
+    }
+    let (decap, encap) = cfg
+        .pipeline
+        .new_session(&target, HubRouter::new(hub.clone()));
+    hub.attach_meta(Arc::new(SessionMeta {
+        id,
+        addr,
+        token_index,
+        transport: transport.as_str(),
+        peer,
+        since: SystemTime::now(),
+        compression,
+        counters,
+    }));
+
     let welcome = Control::AuthResponse(AuthResponse {
         success: true,
         assigned_ip: Some(addr),
@@ -126,6 +172,7 @@ async fn run_inner(
         mtu: Some(cfg.mtu),
         keepalive_secs: Some(cfg.keepalive.as_secs().max(1)),
         session_id: Some(id.to_string()),
+        compression: compression.then(|| COMPRESSION_LZ4.into()),
         ..Default::default()
     });
     let started = Instant::now();
@@ -140,11 +187,11 @@ async fn run_inner(
                     ctrl_rx,
                     cfg.keepalive,
                     cancel.clone(),
-                    hub.clone(),
+                    encap,
                 )
                 .in_current_span(),
             );
-            let reason = reader(&hub, &cfg, addr, tunnel.rx, ctrl_tx, &cancel).await;
+            let reason = reader(&cfg, &target.stats, decap, tunnel.rx, ctrl_tx, &cancel).await;
             cancel.cancel();
             let _ = writer.await;
             reason
@@ -210,10 +257,10 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
         Frame::Packet(_) => return Err(Refusal::PacketBeforeAuth),
         Frame::Control(b) => b,
     };
-    let (token, previous, client_id) = match Control::decode(&bytes) {
+    let (token, previous, client_id, offer) = match Control::decode(&bytes) {
         Err(e) => return Err(Refusal::Malformed(e.to_string())),
-        Ok(Control::Auth(a)) => (a.token, None, a.client_id),
-        Ok(Control::Reconnect(r)) => (r.token, Some(r.previous_ip), r.client_id),
+        Ok(Control::Auth(a)) => (a.token, None, a.client_id, a.compression),
+        Ok(Control::Reconnect(r)) => (r.token, Some(r.previous_ip), r.client_id, r.compression),
         Ok(other) => return Err(Refusal::NotAuth(other.kind())),
     };
     let token = check_token(&cfg.tokens, &token).ok_or(Refusal::BadToken)?;
@@ -221,6 +268,7 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
         token,
         previous,
         client_id: client_id.filter(|c| !c.is_empty() && c.len() <= 128),
+        offers_lz4: offers_lz4(&offer),
     })
 }
 
@@ -257,18 +305,20 @@ async fn send_and_close(
     r.unwrap_or(Ok(()))
 }
 
-async fn reader(
-    hub: &Hub,
+async fn reader<D>(
     cfg: &SessionConfig,
-    addr: Ipv4Addr,
+    stats: &StatsHandle,
+    mut decap: D,
     mut rx: sallyport_transports::FrameStream,
     ctrl: mpsc::Sender<Control>,
     cancel: &CancellationToken,
-) -> String {
+) -> String
+where
+    D: Service<PacketBatch, Response = (), Error = MiddlewareError>,
+{
     let silence = cfg.keepalive * 3;
     let mtu = usize::from(cfg.mtu);
     let mut frames = Vec::with_capacity(MAX_BATCH);
-    let mut batch = PacketBatch::new();
     loop {
         frames.clear();
         let r = tokio::select! {
@@ -280,9 +330,12 @@ async fn reader(
             Ok(Err(e)) => return format!("transport error: {e}"),
             Ok(Ok(open)) => open,
         };
+        let mut batch = PacketBatch::new();
         for f in frames.drain(..) {
             match f {
-                Frame::Packet(p) if p.len() > mtu => hub.stats().drop_packet(DropReason::Malformed),
+                Frame::Packet(p) if p.len() > mtu => {
+                    stats.record_drops(Direction::Decap, DropReason::Malformed, 1)
+                }
                 Frame::Packet(p) => batch.push(p),
                 Frame::Control(b) => match Control::decode(&b) {
                     Ok(Control::Ping(Ping { seq })) => {
@@ -300,9 +353,13 @@ async fn reader(
             }
         }
         if !batch.is_empty() {
-            let to_tun = hub.route_from_client(addr, &mut batch);
-            if !to_tun.is_empty() {
-                hub.send_to_tun(to_tun).await;
+            // Ready waits for room towards the TUN: back-pressure, not loss.
+            let r = tokio::select! {
+                _ = cancel.cancelled() => return "closed by server (shutdown or replaced)".into(),
+                r = async { decap.ready().await?.call(batch).await } => r,
+            };
+            if let Err(e) = r {
+                return format!("pipeline: {e}");
             }
         }
         if !open {
@@ -311,37 +368,49 @@ async fn reader(
     }
 }
 
-async fn writer(
+async fn writer<E>(
     mut tx: FrameSink,
     mut packets: mpsc::Receiver<Bytes>,
     mut ctrl: mpsc::Receiver<Control>,
     keepalive: Duration,
     cancel: CancellationToken,
-    hub: Arc<Hub>,
-) {
+    mut encap: E,
+) where
+    E: Service<PacketBatch, Response = PacketBatch, Error = MiddlewareError>,
+{
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = Vec::with_capacity(MAX_BATCH);
-    let stats = hub.stats();
-    let result: Result<(), sallyport_transports::TransportError> = async {
+    let result: Result<(), String> = async {
         loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                Some(c) = ctrl.recv() => tx.feed(c.into()).await?,
+                Some(c) = ctrl.recv() => tx.feed(c.into()).await.map_err(|e| e.to_string())?,
                 n = packets.recv_many(&mut buf, MAX_BATCH) => {
                     if n == 0 {
                         break;
                     }
-                    for p in buf.drain(..) {
-                        stats.tx_packets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        stats.tx_bytes.fetch_add(p.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        tx.feed(Frame::Packet(p)).await?;
+                    let batch = PacketBatch::from(std::mem::take(&mut buf));
+                    let mut out = encap
+                        .ready()
+                        .await
+                        .map_err(|e| format!("pipeline: {e}"))?
+                        .call(batch)
+                        .await
+                        .map_err(|e| format!("pipeline: {e}"))?;
+                    for p in out.drain() {
+                        tx.feed(Frame::Packet(p)).await.map_err(|e| e.to_string())?;
                     }
+                    // Reuse the allocation for the next batch.
+                    buf = Vec::from(out);
                 }
-                _ = tick.tick() => tx.feed(Control::Ping(Ping::default()).into()).await?,
+                _ = tick.tick() => tx
+                    .feed(Control::Ping(Ping::default()).into())
+                    .await
+                    .map_err(|e| e.to_string())?,
             }
-            tx.flush().await?;
+            tx.flush().await.map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -10,7 +10,9 @@ use futures::{SinkExt, StreamExt};
 use sallyport_core::ip::build_ipv4;
 use sallyport_core::message::{Auth, Control, Reconnect, Token};
 use sallyport_core::{Frame, PacketBatch};
-use sallyport_server::hub::{DropReason, Hub};
+use sallyport_middleware::{Direction, DropReason};
+use sallyport_server::hub::Hub;
+use sallyport_server::pipeline::NewPipeline;
 use sallyport_server::pool::IpPool;
 use sallyport_server::session::{self, SessionConfig};
 use sallyport_transports::{memory, Tunnel};
@@ -40,6 +42,14 @@ impl Fixture {
                 keepalive: Duration::from_secs(15),
                 mtu: 1420,
                 queue_len: 64,
+                pipeline: NewPipeline {
+                    anti_spoof: true,
+                    stats: true,
+                    compression_threshold: 128,
+                    mtu: 1420,
+                },
+                compression: true,
+                rate_limits: vec![None].into(),
             }),
             from_hub_to_tun,
             shutdown: CancellationToken::new(),
@@ -81,6 +91,7 @@ fn auth(token: &str) -> Control {
     Control::Auth(Auth {
         token: Token::new(token),
         client_id: None,
+        compression: None,
     })
 }
 
@@ -147,7 +158,10 @@ async fn a_spoofed_packet_is_dropped_and_counted() {
         None,
         "forged packet not delivered"
     );
-    assert_eq!(f.hub.stats().dropped(DropReason::Spoofed), 1);
+    assert_eq!(
+        f.hub.stats().dropped(Direction::Decap, DropReason::Spoofed),
+        1
+    );
 }
 
 #[tokio::test]
@@ -173,7 +187,10 @@ async fn packets_for_the_server_or_outside_go_to_the_tun_and_unknown_peers_are_d
     }
     assert_eq!(got, vec![to_server, to_internet]);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(f.hub.stats().dropped(DropReason::NoRoute), 1);
+    assert_eq!(
+        f.hub.stats().dropped(Direction::Decap, DropReason::NoRoute),
+        1
+    );
 }
 
 #[tokio::test]
@@ -231,6 +248,7 @@ async fn reconnect_gets_the_previous_address_back() {
             token: Token::new("good"),
             previous_ip: ip_a,
             client_id: None,
+            compression: None,
         }))
         .await;
     match reply {
