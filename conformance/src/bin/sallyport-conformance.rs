@@ -17,9 +17,10 @@ use sallyport_transports::tls::ClientTrust;
 const AFTER_HELP: &str = "\
 What the suite assumes of the server:
   - a pool for a few hundred sessions: every session the suite closes holds its
-    address for vpn.lease_grace (5 min by default), and the concurrency check
-    opens --sessions at once, so give the server a /16 (or run with
-    --sessions 20 against a /24, and not twice within the grace period);
+    address for vpn.lease_grace (5 min by default); one run holds about 70
+    plus --sessions, so give the server a /16 (against a /24 the concurrency
+    check is skipped unless --sessions is at most about 170, and a second run within
+    the grace period may find the pool exhausted);
   - --auth-timeout and --max-frame equal to its limits.auth_timeout and
     limits.max_frame_size;
   - no other client holding the top addresses of the subnet (they are asked
@@ -33,7 +34,7 @@ Exit status: 0 when no check failed, 1 when some did, 2 on usage errors.";
 
 /// Checks a Sallyport server against docs/PROTOCOL.md.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = AFTER_HELP)]
+#[command(version, after_help = AFTER_HELP)]
 struct Args {
     /// The tunnel URL, e.g. wss://vpn.example.com:443/tunnel.
     #[arg(long, required_unless_present = "list")]
@@ -53,8 +54,8 @@ struct Args {
     /// Do not verify the server's certificate.
     #[arg(long)]
     insecure: bool,
-    /// Run only matching checks: comma-separated id substrings, globs with
-    /// `*`, or statement ids such as H1.
+    /// Run only these checks: comma-separated ids (routing.forged_source),
+    /// areas (routing), statement ids (H1) or globs (*token*).
     #[arg(long)]
     only: Option<String>,
     /// Also write a JUnit XML report to FILE.
@@ -110,7 +111,7 @@ fn main() -> ExitCode {
             println!("{:<32} {:<10} {}", c.id, c.spec_label(), c.description);
         }
         for (id, why) in NOT_CHECKED {
-            println!("{:<32} [{id}]{:<6} not checked: {why}", "-", "");
+            println!("{:<32} {:<10} not checked: {why}", "-", format!("[{id}]"));
         }
         return ExitCode::SUCCESS;
     }

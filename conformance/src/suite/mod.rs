@@ -259,9 +259,10 @@ impl fmt::Debug for Check {
     }
 }
 
-/// Which checks to run: `--only` patterns, comma separated. A pattern matches
-/// a check whose id contains it, whose statement id equals it (`H1`), or, with
-/// `*` wildcards, whose id it matches as a glob.
+/// Which checks to run: `--only` patterns, comma separated. A pattern selects
+/// the check of that id (`routing.forged_source`), every check of an area
+/// (`routing`), the checks of a statement (`H1` or `[H1]`), or, with `*`
+/// wildcards, the ids it matches as a glob (`*token*`).
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     patterns: Vec<String>,
@@ -293,7 +294,8 @@ impl Filter {
                 if p.contains('*') {
                     glob(p, check.id)
                 } else {
-                    check.id.contains(p.as_str())
+                    check.id == p
+                        || check.id.split('.').next() == Some(p.as_str())
                         || check.spec.iter().any(|s| s.eq_ignore_ascii_case(bare))
                 }
             })
@@ -496,7 +498,10 @@ mod tests {
         let c = check("handshake.bad_token", &["H2"]);
         assert!(Filter::all().matches(&c));
         assert!(Filter::parse("handshake").matches(&c));
-        assert!(Filter::parse("bad_token").matches(&c));
+        assert!(Filter::parse("handshake.bad_token").matches(&c));
+        assert!(!Filter::parse("bad_token").matches(&c));
+        assert!(!Filter::parse("hand").matches(&c));
+        assert!(!Filter::parse("handshake").matches(&check("errors.auth_after_handshake", &["E2"])));
         assert!(Filter::parse("H2").matches(&c));
         assert!(Filter::parse("[h2]").matches(&c));
         assert!(Filter::parse("routing,handshake.*").matches(&c));
