@@ -144,6 +144,10 @@ fn main() -> ExitCode {
         TransportArg::All => suite::supported_transports(&target),
     };
     let filter = args.only.as_deref().map(Filter::parse).unwrap_or_default();
+    if !CHECKS.iter().any(|c| filter.matches(c)) {
+        eprintln!("sallyport-conformance: no check matches --only (see --list)");
+        return ExitCode::from(2);
+    }
 
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -158,9 +162,6 @@ fn main() -> ExitCode {
     let report = rt.block_on(suite::run(target, &transports, &filter, |o| {
         println!("{}", o.line())
     }));
-    if report.outcomes.is_empty() {
-        eprintln!("sallyport-conformance: no check matches --only");
-    }
     if let Some(path) = &args.junit {
         if let Err(e) = suite::write_junit(&report, path) {
             eprintln!("sallyport-conformance: write {}: {e}", path.display());
