@@ -87,7 +87,9 @@ pub fn target(url: &str, certs: &Certs, sessions: usize) -> Target {
     t.trust.ca_file = Some(certs.files.ca.clone());
     t.timeouts = Timeouts {
         reply: Duration::from_secs(3),
-        quiet: Duration::from_millis(300),
+        // Longer than the default: a faulty server's wrong delivery must
+        // land inside the window even on a busy 2-core machine.
+        quiet: Duration::from_millis(500),
         auth_timeout: AUTH_TIMEOUT,
         margin: Duration::from_secs(1),
         settle: Duration::from_millis(200),
