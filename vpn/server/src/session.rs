@@ -212,7 +212,7 @@ enum Refusal {
     Timeout,
     BadToken,
     PacketBeforeAuth,
-    NotAuth(&'static str),
+    NotAuth(String),
     Malformed(String),
     Transport(String),
 }
@@ -227,7 +227,7 @@ impl Refusal {
                 tracing::warn!("refused: packet sent before authenticating")
             }
             Refusal::NotAuth(kind) => {
-                tracing::warn!(kind, "refused: first message was not auth or reconnect")
+                tracing::warn!(%kind, "refused: first message was not auth or reconnect")
             }
             Refusal::Malformed(e) => tracing::warn!(error = %e, "refused: malformed first message"),
             Refusal::Transport(e) => tracing::debug!(error = %e, "transport failed before auth"),
@@ -258,10 +258,15 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
         Frame::Control(b) => b,
     };
     let (token, previous, client_id, offer) = match Control::decode(&bytes) {
+        // A control message of a type this server does not know is still "a
+        // first control message of another type" (PROTOCOL.md [H4]).
+        Err(sallyport_core::message::MessageError::UnknownType(t)) => {
+            return Err(Refusal::NotAuth(t))
+        }
         Err(e) => return Err(Refusal::Malformed(e.to_string())),
         Ok(Control::Auth(a)) => (a.token, None, a.client_id, a.compression),
         Ok(Control::Reconnect(r)) => (r.token, Some(r.previous_ip), r.client_id, r.compression),
-        Ok(other) => return Err(Refusal::NotAuth(other.kind())),
+        Ok(other) => return Err(Refusal::NotAuth(other.kind().into())),
     };
     let token = check_token(&cfg.tokens, &token).ok_or(Refusal::BadToken)?;
     Ok(Hello {

@@ -237,6 +237,23 @@ async fn a_packet_before_auth_is_refused() {
 }
 
 #[tokio::test]
+async fn a_first_message_of_an_unknown_type_is_auth_required() {
+    let mut f = Fixture::new();
+    let mut t = f.open();
+    t.tx.send(Frame::Control(Bytes::from_static(br#"{"type":"hello"}"#)))
+        .await
+        .expect("send");
+    match next_control(&mut t).await {
+        Control::AuthResponse(r) => assert_eq!(
+            (r.success, r.error.as_deref()),
+            (false, Some("auth_required"))
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(next_frame(&mut t).await, None);
+}
+
+#[tokio::test]
 async fn reconnect_gets_the_previous_address_back() {
     let mut f = Fixture::new();
     let (a, ip_a) = f.authed().await;

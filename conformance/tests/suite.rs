@@ -1,0 +1,189 @@
+//! The suite against in-process servers over a real TLS/WebSocket listener on
+//! 127.0.0.1: the real hub passes every check; the purpose-built faulty
+//! servers each fail exactly the checks of the statement they break.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use sallyport_conformance::suite::{Filter, Report, Verdict};
+use support::mini::{Faults, MiniServer};
+use support::{run_suite, target, RealServer};
+
+/// Checks that may be skipped against these servers, and why: none of them
+/// offers compression, and exhausting the pool is a test of its own.
+const EXPECTED_SKIPS: [&str; 2] = ["extensions.compression", "handshake.pool_exhausted"];
+
+/// Sessions for the concurrency check against the mini servers: the point
+/// there is the fault, not the load.
+const MINI_SESSIONS: usize = 20;
+
+fn failed(r: &Report) -> BTreeSet<String> {
+    r.failed_ids().into_iter().collect()
+}
+
+fn skipped(r: &Report) -> BTreeSet<String> {
+    r.outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Err(Verdict::Skip(_))))
+        .map(|o| o.id.to_string())
+        .collect()
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn assert_only_expected_skips(r: &Report) {
+    assert_eq!(skipped(r), set(&EXPECTED_SKIPS), "skipped checks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_hub_passes_every_check() {
+    let server = RealServer::start("10.100.0.0/16").await;
+    let report = run_suite(target(&server.url, &server.certs, 200), &Filter::all()).await;
+    assert_eq!(report.failed(), 0, "failed: {:?}", report.failed_ids());
+    assert_only_expected_skips(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_hub_answers_pool_exhausted_when_no_address_is_free() {
+    let server = RealServer::start("10.100.0.0/28").await;
+    let mut t = target(&server.url, &server.certs, 2);
+    t.exhaust_pool = true;
+    t.exhaust_limit = 64;
+    let report = run_suite(t, &Filter::parse("handshake.pool_exhausted")).await;
+    assert_eq!(report.summary(), "1 passed, 0 failed");
+}
+
+async fn mini(faults: Faults) -> Report {
+    let server = MiniServer::start("10.77.0.0/22", faults).await;
+    run_suite(
+        target(&server.url, &server.certs, MINI_SESSIONS),
+        &Filter::all(),
+    )
+    .await
+}
+
+async fn assert_fails_exactly(faults: Faults, expected: &[&str]) {
+    let report = mini(faults).await;
+    assert_eq!(failed(&report), set(expected), "{faults:?}");
+    assert_only_expected_skips(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mini_server_without_faults_passes_every_check() {
+    let report = mini(Faults::default()).await;
+    assert_eq!(report.failed(), 0, "failed: {:?}", report.failed_ids());
+    assert_only_expected_skips(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_check_the_source_fails_forged_source() {
+    let faults = Faults {
+        no_source_check: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly(faults, &["routing.forged_source"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_hands_out_its_own_address_fails_the_address_checks() {
+    let faults = Faults {
+        hands_out_server_ip: true,
+        ..Faults::default()
+    };
+    // The first session gets server_ip; later a reconnect asking for it (held
+    // for the same token) gets it back.
+    assert_fails_exactly(
+        faults,
+        &["handshake.auth_response", "address.reconnect_reserved"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_ping_fails_the_ping_checks() {
+    let faults = Faults {
+        never_pongs: true,
+        ..Faults::default()
+    };
+    // handshake.unknown_fields proves the ping with an unknown field was
+    // understood by its pong.
+    assert_fails_exactly(faults, &["keepalive.ping_pong", "handshake.unknown_fields"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_auth_timeout_fails_auth_timeout() {
+    let faults = Faults {
+        no_auth_timeout: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly(faults, &["handshake.auth_timeout"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_floods_unknown_destinations_fails_unknown_destination() {
+    let faults = Faults {
+        floods_unknown_destination: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly(faults, &["routing.unknown_destination"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_hold_addresses_fails_the_hold_checks() {
+    let faults = Faults {
+        no_address_hold: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly(
+        faults,
+        &["address.held_after_close", "address.held_for_other_token"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_blocks_on_a_slow_client_fails_slow_receiver() {
+    let faults = Faults {
+        blocking_queue: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly(faults, &["routing.slow_receiver"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_closes_on_unknown_types_fails_unknown_type() {
+    let faults = Faults {
+        closes_on_unknown_type: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly(faults, &["errors.unknown_type"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_calling_an_unknown_first_type_invalid_fails_wrong_first_message() {
+    let faults = Faults {
+        unknown_first_is_invalid: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly(faults, &["handshake.wrong_first_message"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_keepalive_fails_the_keepalive_checks() {
+    let faults = Faults {
+        no_keepalive: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly(
+        faults,
+        &[
+            "keepalive.server_pings",
+            "keepalive.answered_stays_open",
+            "keepalive.silence_closes",
+        ],
+    )
+    .await;
+}
