@@ -25,6 +25,8 @@ pub const SERVER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const SERVER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 /// The proxy namespace's address on the server's underlay.
 pub const PROXY_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 5);
+/// `[server]` lines for a server behind the lab's nginx ([`Lab::start_nginx`]).
+pub const BEHIND_NGINX: &str = "listen_addr = \"198.18.0.1:8443\"\nplain_listen_addr = \"127.0.0.1:8080\"\ntrusted_proxies = [\"127.0.0.1/32\"]";
 /// Tokens the lab's default server accepts.
 pub const TOKENS: [&str; 2] = ["lab-token-1", "lab-token-2"];
 
@@ -602,6 +604,72 @@ impl Lab {
             .trim()
             .parse()
             .with_context(|| format!("read {path} in {ns}"))
+    }
+}
+
+impl Lab {
+    /// Starts nginx in the server namespace on 443 with the nginx recipe at
+    /// `recipe` (docs/deploy-nginx.conf), in front of a server configured with
+    /// [`BEHIND_NGINX`]. Only the certificate paths are substituted, and every
+    /// `60s` timeout becomes `timeout`. `grpc` false removes the `grpc_pass`
+    /// block: a front that forwards only WebSocket.
+    pub fn start_nginx(
+        &mut self,
+        recipe: &Path,
+        grpc: bool,
+        timeout: &str,
+    ) -> anyhow::Result<ProcId> {
+        let text = std::fs::read_to_string(recipe)
+            .with_context(|| format!("read {}", recipe.display()))?;
+        let cert = self.certs.cert.display().to_string();
+        let key = self.certs.key.display().to_string();
+        let mut site = text
+            .replace("/etc/ssl/certs/vpn.example.com.crt", &cert)
+            .replace("/etc/ssl/private/vpn.example.com.key", &key)
+            .replace("60s;", &format!("{timeout};"));
+        if !grpc {
+            let start = site
+                .find("        if ($content_type")
+                .context("recipe has no grpc block")?;
+            let end = start + site[start..].find("}\n").context("end of grpc block")? + 2;
+            site.replace_range(start..end, "");
+            anyhow::ensure!(!site
+                .lines()
+                .any(|l| l.trim_start().starts_with("grpc_pass")));
+        }
+        let dir = self.dir.clone();
+        self.write("nginx-site.conf", &site)?;
+        std::fs::create_dir_all(dir.join("nginx-tmp"))?;
+        let main = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/nginx-error.log info;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n access_log {d}/nginx-access.log;\n client_body_temp_path {d}/nginx-tmp;\n\
+             proxy_temp_path {d}/nginx-tmp;\n fastcgi_temp_path {d}/nginx-tmp;\n\
+             uwsgi_temp_path {d}/nginx-tmp;\n scgi_temp_path {d}/nginx-tmp;\n\
+             include {d}/nginx-site.conf;\n}}\n",
+            d = dir.display()
+        );
+        let conf = self.write("nginx.conf", &main)?;
+        let ns = self.server_ns();
+        let id = self.spawn_in(
+            &ns,
+            "nginx",
+            &[
+                "nginx".as_ref(),
+                "-c".as_ref(),
+                conf.as_os_str(),
+                "-p".as_ref(),
+                dir.as_os_str(),
+            ],
+        )?;
+        let up = wait_for(Duration::from_secs(5), || {
+            let o = self.exec(&ns, &["ss", "-Hltn", "sport = :443"]).ok()?;
+            (!o.stdout.is_empty()).then_some(())
+        });
+        if up.is_none() {
+            bail!("nginx did not start: {}", self.log(id));
+        }
+        Ok(id)
     }
 }
 

@@ -13,7 +13,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use sallyport_conformance::lab::{
-    wait_for, ConfigExtra, Lab, ProcId, PROXY_UNDERLAY, SERVER_TUNNEL_IP, SERVER_UNDERLAY, TOKENS,
+    wait_for, ConfigExtra, Lab, ProcId, BEHIND_NGINX, PROXY_UNDERLAY, SERVER_TUNNEL_IP,
+    SERVER_UNDERLAY, TOKENS,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -185,61 +186,9 @@ fn a_wrong_proxy_password_is_a_clear_log_line_naming_the_proxy() {
     assert!(!line.contains("wrong"), "never logs the password: {line}");
 }
 
-/// nginx in the server namespace on 443 with the documented recipe, in front
-/// of sallyport-server's plain listener. `grpc` false strips the grpc_pass
-/// lines: a front that only forwards WebSocket.
 fn start_nginx(lab: &mut Lab, grpc: bool, timeout: &str) -> ProcId {
-    let recipe = std::fs::read_to_string(repo_file("docs/deploy-nginx.conf")).expect("recipe");
-    let mut site = recipe
-        .replace(
-            "/etc/ssl/certs/vpn.example.com.crt",
-            lab.certs.cert.to_str().expect("utf-8"),
-        )
-        .replace(
-            "/etc/ssl/private/vpn.example.com.key",
-            lab.certs.key.to_str().expect("utf-8"),
-        )
-        .replace("60s;", &format!("{timeout};"));
-    if !grpc {
-        let start = site.find("        if ($content_type").expect("grpc block");
-        let end = start + site[start..].find("}\n").expect("end of if") + 2;
-        site.replace_range(start..end, "");
-        assert!(!site
-            .lines()
-            .any(|l| l.trim_start().starts_with("grpc_pass")));
-    }
-    let dir = lab.dir().to_path_buf();
-    lab.write("nginx-site.conf", &site).expect("write");
-    std::fs::create_dir_all(dir.join("nginx-tmp")).expect("dir");
-    let main = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log info;\n\
-         events {{ worker_connections 256; }}\n\
-         http {{\n access_log {d}/nginx-access.log;\n client_body_temp_path {d}/nginx-tmp;\n proxy_temp_path {d}/nginx-tmp;\n\
-         fastcgi_temp_path {d}/nginx-tmp;\n uwsgi_temp_path {d}/nginx-tmp;\n scgi_temp_path {d}/nginx-tmp;\n\
-         include {d}/nginx-site.conf;\n}}\n",
-        d = dir.display()
-    );
-    let conf = lab.write("nginx.conf", &main).expect("write");
-    let ns = lab.server_ns();
-    let id = lab
-        .spawn_in(
-            &ns,
-            "nginx",
-            &[
-                "nginx",
-                "-c",
-                conf.to_str().expect("utf-8"),
-                "-p",
-                dir.to_str().expect("utf-8"),
-            ],
-        )
-        .expect("nginx");
-    wait_for(Duration::from_secs(5), || {
-        let o = lab.exec(&ns, &["ss", "-Hltn", "sport = :443"]).ok()?;
-        (!o.stdout.is_empty()).then_some(())
-    })
-    .unwrap_or_else(|| panic!("nginx did not start: {}", lab.log(id)));
-    id
+    lab.start_nginx(&repo_file("docs/deploy-nginx.conf"), grpc, timeout)
+        .expect("nginx")
 }
 
 fn repo_file(rel: &str) -> PathBuf {
@@ -250,8 +199,10 @@ fn repo_file(rel: &str) -> PathBuf {
 
 fn behind_nginx_server(lab: &mut Lab, keepalive: Option<&str>) -> ProcId {
     let extra = ConfigExtra {
-        server: "listen_addr = \"198.18.0.1:8443\"\nplain_listen_addr = \"127.0.0.1:8080\"\ntrusted_proxies = [\"127.0.0.1/32\"]".into(),
-        vpn: keepalive.map(|k| format!("keepalive_interval = \"{k}\"")).unwrap_or_default(),
+        server: BEHIND_NGINX.into(),
+        vpn: keepalive
+            .map(|k| format!("keepalive_interval = \"{k}\""))
+            .unwrap_or_default(),
         ..Default::default()
     };
     let scfg = lab.server_config("server.toml", &extra).expect("cfg");
