@@ -197,3 +197,85 @@ impl ServerCertVerifier for NoVerification {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    fn write_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        std::fs::create_dir_all(dir).expect("dir");
+        let p = (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        );
+        std::fs::write(&p.0, ca_cert.pem()).expect("write");
+        std::fs::write(&p.1, cert.pem()).expect("write");
+        std::fs::write(&p.2, key.serialize_pem()).expect("write");
+        p
+    }
+
+    #[tokio::test]
+    async fn tls13_with_the_post_quantum_hybrid_group_is_negotiated() {
+        let dir = std::env::temp_dir().join(format!("sallyport-tls-{}", std::process::id()));
+        let (ca, cert, key) = write_certs(&dir);
+        let server = server_config(&cert, &key, &[b"h2"]).expect("server");
+        let client = client_config(
+            &ClientTrust {
+                insecure: false,
+                ca_file: Some(ca),
+            },
+            &[b"h2"],
+        )
+        .expect("client");
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = ServerName::try_from("localhost").expect("name");
+        let (s, c) = tokio::join!(acceptor.accept(b), connector.connect(name, a));
+        let (s, c) = (s.expect("server handshake"), c.expect("client handshake"));
+        let _ = std::fs::remove_dir_all(&dir);
+        for conn in [
+            c.get_ref().1.negotiated_key_exchange_group(),
+            s.get_ref().1.negotiated_key_exchange_group(),
+        ] {
+            assert_eq!(
+                conn.map(|g| g.name()),
+                Some(rustls::NamedGroup::X25519MLKEM768)
+            );
+        }
+        assert_eq!(
+            c.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+    }
+
+    #[test]
+    fn unreadable_and_empty_files_name_the_file() {
+        let e = load_certs(Path::new("/nonexistent/cert.pem")).expect_err("missing");
+        assert!(e.to_string().contains("/nonexistent/cert.pem"), "{e}");
+        let dir = std::env::temp_dir().join(format!("sallyport-tls-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not pem").expect("write");
+        let e = load_certs(&empty).expect_err("no certs").to_string();
+        assert!(
+            e.contains("empty.pem") && e.contains("no CERTIFICATE"),
+            "{e}"
+        );
+        let e = load_key(&empty).expect_err("no key").to_string();
+        assert!(e.contains("no PRIVATE KEY"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
