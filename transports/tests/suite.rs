@@ -61,6 +61,10 @@ fn certs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std:
 }
 
 async fn setup(plain: bool) -> Setup {
+    setup_with(plain, None).await
+}
+
+async fn setup_with(plain: bool, static_page: Option<&'static str>) -> Setup {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "sallyport-suite-{}-{}",
@@ -79,7 +83,7 @@ async fn setup(plain: bool) -> Setup {
         handshake_timeout: Duration::from_secs(5),
         max_pending: 16,
         trusted_proxies: vec![],
-        static_page: None,
+        static_page: static_page.map(|p| Bytes::from_static(p.as_bytes())),
     })
     .await
     .expect("bind");
@@ -268,5 +272,58 @@ async fn the_wrong_path_is_an_ordinary_404_for_every_transport() {
             },
         };
         assert!(e.contains("404"), "{kind}: {e}");
+    }
+}
+
+/// GET `path` over TLS (ALPN http/1.1); status and body.
+async fn https_get(s: &Setup, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let cfg = sallyport_transports::tls::client_config(
+        &ClientTrust {
+            insecure: false,
+            ca_file: Some(s.ca.clone()),
+        },
+        &[],
+    )
+    .expect("tls");
+    let port = s.listener.local_addr().port();
+    let connector = sallyport_transports::connect::Connector::new(
+        "127.0.0.1".into(),
+        port,
+        None,
+        Some((Arc::new(cfg), "localhost".into())),
+    )
+    .expect("connector");
+    let (io, _, _) = connector.connect(b"http/1.1").await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .expect("http1");
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("req");
+    let resp = send.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn probes_get_the_static_page_when_one_is_configured_else_404() {
+    let page = "<html><body>Welcome to nginx!</body></html>";
+    let with_page = setup_with(false, Some(page)).await;
+    for path in ["/", "/index.html", "/tunnel"] {
+        assert_eq!(
+            https_get(&with_page, path).await,
+            (200, page.to_string()),
+            "{path}"
+        );
+    }
+    let without = setup(false).await;
+    for path in ["/", "/tunnel"] {
+        let (status, body) = https_get(&without, path).await;
+        assert_eq!(status, 404, "{path}");
+        assert!(!body.to_lowercase().contains("sallyport") && !body.to_lowercase().contains("vpn"));
     }
 }
