@@ -63,26 +63,49 @@ fn an_unreachable_server_fails_every_check_that_runs_and_exits_1() {
 }
 
 #[test]
-fn a_transport_this_build_does_not_speak_fails_with_that_reason() {
+fn all_runs_every_transport_and_names_it() {
     let o = run(&[
         "--url",
         NOWHERE,
         "--token",
         "t",
         "--transport",
-        "tls",
+        "all",
         "--only",
         "handshake.auth_response",
     ]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for (line, t) in lines.iter().zip(["wss", "h2", "tls"]) {
+        assert!(
+            line.starts_with(&format!("FAIL  {t}/handshake.auth_response [H1]: connect")),
+            "{out}"
+        );
+    }
+    assert_eq!(lines[3], "0 passed, 3 failed", "{out}");
+}
+
+#[test]
+fn the_rate_limit_flags_need_a_positive_rate() {
+    let base = ["--url", NOWHERE, "--token", "t", "--only", "policy"];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    assert_eq!(with(&["--rate-limit-burst", "2000"]).status.code(), Some(2));
+    assert_eq!(with(&["--rate-limit-token", "x"]).status.code(), Some(2));
+    assert_eq!(with(&["--rate-limit-bps", "0"]).status.code(), Some(2));
+    // Without the flag the check is skipped, not passed.
+    let o = with(&[]);
+    assert_eq!(o.status.code(), Some(0));
     assert!(
-        out.starts_with(
-            "FAIL  handshake.auth_response [H1]: transport tls is not supported by this build"
-        ),
-        "{out}"
+        stdout(&o).starts_with("skip  policy.rate_limit [P3]: needs the server's rate limit"),
+        "{}",
+        stdout(&o)
     );
-    assert!(out.ends_with("0 passed, 1 failed\n"), "{out}");
 }
 
 #[test]

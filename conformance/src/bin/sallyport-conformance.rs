@@ -10,16 +10,16 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use sallyport_conformance::suite::{
-    self, Filter, Target, Timeouts, Transport, CHECKS, NOT_CHECKED,
+    self, Filter, RateLimit, Target, Timeouts, Transport, CHECKS, NOT_CHECKED,
 };
 use sallyport_transports::tls::ClientTrust;
 
 const AFTER_HELP: &str = "\
 What the suite assumes of the server:
   - a pool for a few hundred sessions: every session the suite closes holds its
-    address for vpn.lease_grace (5 min by default); one run holds about 70
+    address for vpn.lease_grace (5 min by default); one run holds about 100
     plus --sessions, so give the server a /16 (against a /24 the concurrency
-    check is skipped unless --sessions is at most about 170, and a second run within
+    check is skipped unless --sessions is at most about 140, and a second run within
     the grace period may find the pool exhausted);
   - --auth-timeout and --max-frame equal to its limits.auth_timeout and
     limits.max_frame_size;
@@ -29,7 +29,9 @@ What the suite assumes of the server:
 The keepalive checks wait up to 3.5 of the server's keepalive intervals; those
 that would wait longer than --max-wait are skipped (configure the server with
 keepalive_interval = \"1s\" to run them quickly).
-Checks that need a second token are skipped without --token2.
+Checks that need a second token are skipped without --token2; the rate-limit
+check is skipped without --rate-limit-bps (the server's limit for
+--rate-limit-token, a token the other checks do not use).
 Exit status: 0 when no check failed, 1 when some did, 2 on usage errors.";
 
 /// Checks a Sallyport server against docs/PROTOCOL.md.
@@ -87,6 +89,18 @@ struct Args {
     /// The most sessions handshake.pool_exhausted opens.
     #[arg(long, default_value_t = 1024)]
     exhaust_limit: usize,
+    /// Run policy.rate_limit: the server limits the sessions of
+    /// --rate-limit-token to N bytes per second each way.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    rate_limit_bps: Option<u64>,
+    /// The burst of that limit, bytes [default: the project's server's
+    /// default, N/10 and at least 65536].
+    #[arg(long, value_name = "BYTES", requires = "rate_limit_bps")]
+    rate_limit_burst: Option<u64>,
+    /// The token that limit applies to [default: --token]. Best a token of
+    /// its own: the other checks expect --token to be unlimited.
+    #[arg(long, value_name = "TOKEN", requires = "rate_limit_bps")]
+    rate_limit_token: Option<String>,
     /// List the checks with their docs/PROTOCOL.md statements and exit.
     #[arg(long)]
     list: bool,
@@ -136,6 +150,13 @@ fn main() -> ExitCode {
     target.sessions = args.sessions;
     target.exhaust_pool = args.exhaust_pool;
     target.exhaust_limit = args.exhaust_limit;
+    target.rate_limit = args.rate_limit_bps.map(|bps| RateLimit {
+        bytes_per_sec: bps,
+        burst_bytes: args
+            .rate_limit_burst
+            .unwrap_or_else(|| RateLimit::default_burst(bps)),
+        token: args.rate_limit_token.clone(),
+    });
 
     let transports = match args.transport {
         TransportArg::Wss => vec![Transport::Wss],

@@ -13,11 +13,15 @@ use futures::future::join_all;
 use sallyport_core::ip::build_ipv6;
 use serde_json::Value;
 
+use bytes::Bytes;
+use sallyport_core::message::{Control, Reconnect, Token};
+use sallyport_core::Frame;
+
 use super::session::{
-    auth, clip, parse_auth_reply, prefix, reconnect, top_addresses, Event, Grant, Pings, Probe,
-    Session,
+    auth, auth_offering, clip, parse_auth_reply, prefix, reconnect, top_addresses, Event, Grant,
+    Pings, Probe, Session,
 };
-use super::{fail, http, skip, Check, CheckResult, Ctx, Transport, Verdict};
+use super::{fail, http, lz4, skip, Check, CheckResult, Ctx, Transport, Verdict};
 
 macro_rules! ensure {
     ($cond:expr, $($arg:tt)+) => {
@@ -34,6 +38,16 @@ macro_rules! check {
             spec: &[$($spec),+],
             description: $desc,
             run: |cx| Box::pin($f(cx)),
+            alongside: false,
+        }
+    };
+    ($id:literal, [$($spec:literal),+], $desc:literal, $f:ident, alongside) => {
+        Check {
+            id: $id,
+            spec: &[$($spec),+],
+            description: $desc,
+            run: |cx| Box::pin($f(cx)),
+            alongside: true,
         }
     };
 }
@@ -63,7 +77,8 @@ pub static CHECKS: &[Check] = &[
         "handshake.auth_timeout",
         ["H3"],
         "a connection that sends nothing is closed once limits.auth_timeout has passed",
-        handshake_auth_timeout
+        handshake_auth_timeout,
+        alongside
     ),
     check!(
         "handshake.packet_before_auth",
@@ -147,19 +162,22 @@ pub static CHECKS: &[Check] = &[
         "keepalive.server_pings",
         ["K1"],
         "the server sends ping within its announced keepalive interval",
-        keepalive_server_pings
+        keepalive_server_pings,
+        alongside
     ),
     check!(
         "keepalive.answered_stays_open",
         ["K1", "K2"],
         "a client that only answers the server's pings stays connected past 3 intervals",
-        keepalive_answered_stays_open
+        keepalive_answered_stays_open,
+        alongside
     ),
     check!(
         "keepalive.silence_closes",
         ["K2"],
         "a client that sends nothing, not even pong, is closed after 3 intervals",
-        keepalive_silence_closes
+        keepalive_silence_closes,
+        alongside
     ),
     check!(
         "routing.client_to_client",
@@ -169,7 +187,7 @@ pub static CHECKS: &[Check] = &[
     ),
     check!(
         "routing.forged_source",
-        ["R1"],
+        ["R1", "P1"],
         "packets whose source is not the sender's address are not delivered; the session stays up",
         routing_forged_source
     ),
@@ -252,10 +270,46 @@ pub static CHECKS: &[Check] = &[
         transport_not_found
     ),
     check!(
-        "extensions.compression",
-        ["§2"],
-        "a client offering compression is accepted; what the server offers is reported (PROTOCOL.md v1 defines no compressed frame yet)",
-        extensions_compression
+        "transport.bad_framing",
+        ["F4"],
+        "a framed message with compressed flag 1, an unknown kind or length 0 ends that session only (HTTP/2 and raw TLS)",
+        transport_bad_framing
+    ),
+    check!(
+        "compression.negotiation",
+        ["C2"],
+        "auth and reconnect offering no, unknown or lz4 compression succeed; the answer is absent or one the client offered",
+        compression_negotiation
+    ),
+    check!(
+        "compression.not_negotiated",
+        ["C1"],
+        "a client that offers nothing gets no compression field and only raw IP packets, also from a sender that negotiated lz4; its own lz4 frame is dropped and it stays up",
+        compression_not_negotiated
+    ),
+    check!(
+        "compression.lz4_delivered",
+        ["C3", "C5"],
+        "lz4 frames and raw packets in any mix arrive at a client without compression as the original packets and at an lz4 client raw or as frames decoding to them",
+        compression_lz4_delivered
+    ),
+    check!(
+        "compression.lz4_policy",
+        ["C5", "P1"],
+        "a decompressed packet is routed and policed like any: forged sources are dropped, an echo request to server_ip is answered",
+        compression_lz4_policy
+    ),
+    check!(
+        "compression.bad_frames_dropped",
+        ["C4"],
+        "lz4 frames with stated length 0, above mtu or not matching the block, an unknown tag, truncated or corrupt are dropped; the session stays up",
+        compression_bad_frames_dropped
+    ),
+    check!(
+        "policy.rate_limit",
+        ["P3"],
+        "a rate-limited session gets at most burst + rate x time through each way, excess dropped not queued, and stays up (needs --rate-limit-bps)",
+        policy_rate_limit
     ),
     check!(
         "concurrency.sessions",
@@ -272,10 +326,16 @@ pub static CHECKS: &[Check] = &[
 ];
 
 /// Statements of docs/PROTOCOL.md no check covers, and why.
-pub static NOT_CHECKED: &[(&str, &str)] = &[(
-    "A5",
-    "needs a server restart, which a client cannot cause (the project's netns tests restart the real server)",
-)];
+pub static NOT_CHECKED: &[(&str, &str)] = &[
+    (
+        "A5",
+        "needs a server restart, which a client cannot cause (the project's netns tests restart the real server)",
+    ),
+    (
+        "P2",
+        "is what a client does with its own TUN device; a suite that tests servers has no client to watch",
+    ),
+];
 
 fn token(cx: &Ctx) -> &str {
     &cx.target().token
@@ -1192,35 +1252,550 @@ async fn transport_not_found(cx: Ctx) -> CheckResult {
     Ok(())
 }
 
-// ---------------------------------------------------------------- extensions
+/// A framed message written byte by byte: the gRPC prefix (`flag`, then the
+/// length of kind and payload) and the message.
+fn framed(flag: u8, kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![flag];
+    m.extend_from_slice(&((payload.len() + 1) as u32).to_be_bytes());
+    m.push(kind);
+    m.extend_from_slice(payload);
+    m
+}
 
-async fn extensions_compression(cx: Ctx) -> CheckResult {
-    let hello = serde_json::json!({
-        "type": "auth",
-        "token": token(&cx),
-        "compression": ["lz4"],
-    });
-    let mut s = Session::dial(&cx, Pings::Answer).await?;
-    s.send_text(&hello.to_string()).await?;
-    let text = s.next_control(cx.t().reply).await?;
-    let reply = parse_auth_reply(&text).map_err(fail)?;
-    ensure!(
-        reply.success,
-        "a client offering compression was refused: {}",
-        clip(&reply.raw.to_string())
-    );
-    match reply.raw.get("compression") {
-        None | Some(Value::Null) => Err(skip("the server offers no compression")),
-        Some(v) => Err(skip(format!(
-            "the server offers compression {v}, but docs/PROTOCOL.md version 1 defines no compressed frame to check"
+async fn transport_bad_framing(cx: Ctx) -> CheckResult {
+    if cx.transport() == Transport::Wss {
+        return Err(skip("not applicable to WebSocket"));
+    }
+    let (mut b, gb) = Session::auth(&cx, token(&cx))
+        .await
+        .map_err(|v| prefix(v, "session B"))?;
+    let mut carried = Vec::new();
+    for case in 0..3 {
+        let mut a = Session::dial_raw(&cx).await?;
+        a.send_control(&auth(token(&cx), None)).await?;
+        let text = a.next_control(cx.t().reply).await?;
+        let Some(ga) = parse_auth_reply(&text).map_err(fail)?.grant else {
+            return Err(fail(format!(
+                "auth refused with a valid token: {}",
+                clip(&String::from_utf8_lossy(&text))
+            )));
+        };
+        let (what, bytes) = match case {
+            0 => {
+                // Well-formed frames written the same way are carried: the
+                // check's own framing is right.
+                delivers(&cx, &a, &ga, &mut b, &gb, "a packet from a raw session").await?;
+                let p = Probe::ipv4(ga.ip, gb.ip, 64, "the packet in a frame flagged compressed");
+                let m = framed(1, 0x02, &p.bytes);
+                carried.push(p);
+                ("a framed message with compressed flag 1", m)
+            }
+            1 => {
+                let p = Probe::ipv4(ga.ip, gb.ip, 64, "the packet in a frame of kind 0x09");
+                let m = framed(0, 0x09, &p.bytes);
+                carried.push(p);
+                ("a framed message of unknown kind 0x09", m)
+            }
+            _ => ("a framed message of length 0", vec![0u8; 5]),
+        };
+        a.send_raw(&bytes).await?;
+        a.expect_closed(cx.t().reply)
+            .await
+            .map_err(|v| prefix(v, &format!("after {what}")))?;
+    }
+    b.expect_none(
+        &carried.iter().collect::<Vec<_>>(),
+        cx.t().quiet,
+        Match::Marker,
+    )
+    .await
+    .map_err(|v| prefix(v, "B"))?;
+    others_unaffected(&cx, &b, &gb, "malformed framed messages").await
+}
+
+// ---------------------------------------------------------------- compression
+
+/// A session that offered `["lz4"]`; its grant says whether the server
+/// accepted.
+async fn auth_lz4(cx: &Ctx) -> Result<(Session, Grant), Verdict> {
+    Session::auth_with(cx, auth_offering(token(cx), &["lz4"]), Pings::Answer).await
+}
+
+/// A session with lz4 negotiated, or the skip when the server offers none.
+async fn lz4_session(cx: &Ctx, name: &str) -> Result<(Session, Grant), Verdict> {
+    let (s, g) = auth_lz4(cx).await.map_err(|v| prefix(v, name))?;
+    match g.compression.as_deref() {
+        Some("lz4") => Ok((s, g)),
+        None => Err(skip("server does not offer compression")),
+        Some(other) => Err(fail(format!(
+            "{name}: offered [\"lz4\"], the server answered compression {other:?}"
         ))),
     }
 }
 
+/// An IPv4 packet `len` bytes long that lz4 makes smaller, and its frame.
+fn compressible(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    len: usize,
+    what: impl Into<String>,
+) -> Result<(Probe, Bytes), Verdict> {
+    let p = Probe::ipv4(src, dst, len, what);
+    let f = lz4::compress(&p.bytes).ok_or_else(|| {
+        fail(format!(
+            "internal: a {len}-byte probe does not compress (the mtu is too small?)"
+        ))
+    })?;
+    Ok((p, f.into()))
+}
+
+/// The smaller of two grants' MTUs, as a length.
+fn mtu_of(a: &Grant, b: &Grant) -> usize {
+    usize::try_from(a.mtu.min(b.mtu)).unwrap_or(1280)
+}
+
+/// As [`delivers`], to a session that negotiated lz4 (the probe may come as
+/// a frame).
+async fn delivers_lz4(
+    cx: &Ctx,
+    from: &Session,
+    fg: &Grant,
+    to: &mut Session,
+    tg: &Grant,
+    when: &str,
+) -> CheckResult {
+    let p = Probe::ipv4(fg.ip, tg.ip, 64, "a probe");
+    let ctx = || format!("{when}, {} → {}", fg.ip, tg.ip);
+    from.send(p.frame()).await.map_err(|v| prefix(v, &ctx()))?;
+    to.expect_packet_lz4(&p, mtu_of(fg, tg), cx.t().reply)
+        .await
+        .map_err(|v| prefix(v, &ctx()))
+}
+
+/// Whether the `compression` of an `auth_response` is absent or offered.
+fn answer_was_offered(raw: &Value, offer: Option<&[&str]>, what: &str) -> CheckResult {
+    match raw.get("compression") {
+        None => Ok(()),
+        Some(Value::String(c)) if offer.is_some_and(|o| o.contains(&c.as_str())) => Ok(()),
+        Some(v) => Err(fail(format!(
+            "{what}: the server answered compression {v}, which the client did not offer"
+        ))),
+    }
+}
+
+async fn compression_negotiation(cx: Ctx) -> CheckResult {
+    let offers: [(Option<&[&str]>, &str); 5] = [
+        (None, "auth without compression"),
+        (Some(&[]), "auth offering []"),
+        (
+            Some(&["x-conformance-unknown"]),
+            "auth offering only an unknown compression",
+        ),
+        (Some(&["lz4"]), "auth offering [\"lz4\"]"),
+        (
+            Some(&["x-conformance-unknown", "lz4"]),
+            "auth offering an unknown compression and lz4",
+        ),
+    ];
+    for (offer, what) in offers {
+        let hello = match offer {
+            None => auth(token(&cx), None),
+            Some(o) => auth_offering(token(&cx), o),
+        };
+        let (_s, reply) = Session::hello(&cx, &hello)
+            .await
+            .map_err(|v| prefix(v, what))?;
+        ensure!(
+            reply.success,
+            "{what} was refused: {}",
+            clip(&reply.raw.to_string())
+        );
+        answer_was_offered(&reply.raw, offer, what)?;
+    }
+    let (_a, ga) = Session::auth(&cx, token(&cx)).await?;
+    let offer: &[&str] = &["x-conformance-unknown"];
+    let what = "reconnect offering only an unknown compression";
+    let hello = Control::Reconnect(Reconnect {
+        token: Token::new(token(&cx)),
+        previous_ip: ga.server_ip,
+        client_id: None,
+        compression: Some(offer.iter().map(|s| s.to_string()).collect()),
+    });
+    let (_s, reply) = Session::hello(&cx, &hello)
+        .await
+        .map_err(|v| prefix(v, what))?;
+    ensure!(
+        reply.success,
+        "{what} was refused: {}",
+        clip(&reply.raw.to_string())
+    );
+    answer_was_offered(&reply.raw, Some(offer), what)
+}
+
+impl Session {
+    /// Waits for `want`, byte for byte, on a session that did not negotiate
+    /// compression: every binary message meanwhile must be an IP packet [C1].
+    async fn expect_plain_packet(&mut self, want: &Probe, within: Duration) -> CheckResult {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.next_event_until(deadline).await {
+                None => return Err(fail(format!("the packet did not arrive within {within:?}"))),
+                Some(Event::Closed(_)) => {
+                    return Err(fail("the session was closed while waiting for a packet"))
+                }
+                Some(Event::Packet(p)) if lz4::is_extension(&p) => {
+                    let carrying = lz4::decode_lenient(&p).is_some_and(|d| want.is_in(&d));
+                    return Err(fail(format!(
+                        "received an extension frame (first byte {:#04x}, {} bytes{}) though compression was not negotiated",
+                        p[0],
+                        p.len(),
+                        if carrying { ", carrying the packet" } else { "" }
+                    )));
+                }
+                Some(Event::Packet(p)) if p[..] == want.bytes[..] => return Ok(()),
+                Some(Event::Packet(p)) if want.is_in(&p) => {
+                    return Err(fail(format!(
+                        "the packet arrived altered: {} bytes, sent {}",
+                        p.len(),
+                        want.bytes.len()
+                    )))
+                }
+                Some(_) => continue,
+            }
+        }
+    }
+}
+
+async fn compression_not_negotiated(cx: Ctx) -> CheckResult {
+    // A offers lz4 (the server may accept it), B offers nothing.
+    let (mut a, ga) = auth_lz4(&cx).await.map_err(|v| prefix(v, "session A"))?;
+    let (mut b, reply) = Session::hello(&cx, &auth(token(&cx), None))
+        .await
+        .map_err(|v| prefix(v, "session B"))?;
+    let Some(gb) = reply.grant.clone() else {
+        return Err(fail(format!(
+            "session B: auth refused with a valid token: {}",
+            clip(&reply.raw.to_string())
+        )));
+    };
+    if let Some(v) = reply.raw.get("compression") {
+        return Err(fail(format!(
+            "auth without compression got \"compression\":{v} in auth_response"
+        )));
+    }
+    let a_lz4 = ga.compression.as_deref() == Some("lz4");
+    let mtu = mtu_of(&ga, &gb);
+    let p = Probe::ipv4(ga.ip, gb.ip, mtu, "an MTU-sized compressible packet");
+    a.send(p.frame()).await?;
+    b.expect_plain_packet(&p, cx.t().reply)
+        .await
+        .map_err(|v| prefix(v, "B, sent a compressible packet raw"))?;
+    if a_lz4 {
+        let (q, f) = compressible(ga.ip, gb.ip, mtu, "a packet A sent as an lz4 frame")?;
+        a.send(Frame::Packet(f)).await?;
+        b.expect_plain_packet(&q, cx.t().reply).await.map_err(|v| {
+            prefix(
+                v,
+                "B, sent a packet as an lz4 frame by A, which negotiated lz4",
+            )
+        })?;
+    }
+    // B's own lz4 frame: a malformed packet, dropped; B stays up.
+    let (r, f) = compressible(
+        gb.ip,
+        ga.ip,
+        mtu,
+        "the packet inside an lz4 frame from B, which did not negotiate compression",
+    )?;
+    b.send(Frame::Packet(f)).await?;
+    a.expect_none(&[&r], cx.t().quiet, Match::Marker)
+        .await
+        .map_err(|v| prefix(v, "A"))?;
+    let after = Probe::ipv4(gb.ip, ga.ip, 64, "a probe after B's lz4 frame");
+    b.send(after.frame()).await?;
+    let arrived = if a_lz4 {
+        a.expect_packet_lz4(&after, mtu, cx.t().reply).await
+    } else {
+        a.expect_packet(&after, cx.t().reply).await
+    };
+    arrived.map_err(|v| prefix(v, "B → A after B's lz4 frame"))
+}
+
+/// Sends `A → to` lz4 frames and raw packets in a mix, one at a time, and
+/// expects each at `to`: byte for byte when it has no compression, raw or
+/// as a frame decoding to it when it negotiated lz4.
+async fn mix_arrives(
+    cx: &Ctx,
+    a: &Session,
+    ga: &Grant,
+    to: &mut Session,
+    tg: &Grant,
+    name: &str,
+) -> CheckResult {
+    let mtu = mtu_of(ga, tg);
+    let negotiated = tg.compression.as_deref() == Some("lz4");
+    let mid = 600.min(mtu);
+    for (len, framed, what) in [
+        (mtu, true, "an MTU-sized packet as an lz4 frame"),
+        (64, false, "a small raw packet"),
+        (mid, true, "a medium packet as an lz4 frame"),
+        (mtu, false, "an MTU-sized raw packet"),
+    ] {
+        let p = if framed {
+            let (p, f) = compressible(ga.ip, tg.ip, len, what)?;
+            a.send(Frame::Packet(f)).await?;
+            p
+        } else {
+            let p = Probe::ipv4(ga.ip, tg.ip, len, what);
+            a.send(p.frame()).await?;
+            p
+        };
+        let arrived = if negotiated {
+            to.expect_packet_lz4(&p, mtu, cx.t().reply).await
+        } else {
+            to.expect_plain_packet(&p, cx.t().reply).await
+        };
+        arrived.map_err(|v| prefix(v, &format!("{what} A → {name}")))?;
+    }
+    Ok(())
+}
+
+async fn compression_lz4_delivered(cx: Ctx) -> CheckResult {
+    let (mut a, ga) = lz4_session(&cx, "session A").await?;
+    let (mut b, gb) = Session::auth(&cx, token(&cx))
+        .await
+        .map_err(|v| prefix(v, "session B"))?;
+    let (mut c, gc) = lz4_session(&cx, "session C").await?;
+    mix_arrives(&cx, &a, &ga, &mut b, &gb, "B (no compression)").await?;
+    mix_arrives(&cx, &a, &ga, &mut c, &gc, "C (lz4)").await?;
+    mix_arrives(&cx, &c, &gc, &mut a, &ga, "A (lz4)").await?;
+    // And B's raw packets reach the lz4 sessions.
+    delivers_lz4(&cx, &b, &gb, &mut a, &ga, "B (no compression) → A (lz4)").await
+}
+
+async fn compression_lz4_policy(cx: Ctx) -> CheckResult {
+    let (mut a, ga) = lz4_session(&cx, "session A").await?;
+    let (mut b, gb) = lz4_session(&cx, "session B").await?;
+    let mtu = mtu_of(&ga, &gb);
+    let other = top_addresses(&ga, &[ga.ip, gb.ip], 1)
+        .first()
+        .copied()
+        .unwrap_or(ga.server_ip);
+    let mut forged = Vec::new();
+    for (src, what) in [
+        (gb.ip, "an lz4 frame of a packet forged with B's own source"),
+        (
+            other,
+            "an lz4 frame of a packet forged with another subnet source",
+        ),
+        (
+            ga.server_ip,
+            "an lz4 frame of a packet forged with server_ip as source",
+        ),
+        (
+            Ipv4Addr::new(192, 0, 2, 99),
+            "an lz4 frame of a packet forged with an outside source",
+        ),
+    ] {
+        let (p, f) = compressible(src, gb.ip, mtu, what)?;
+        a.send(Frame::Packet(f)).await?;
+        forged.push(p);
+    }
+    b.expect_none(
+        &forged.iter().collect::<Vec<_>>(),
+        cx.t().quiet,
+        Match::Marker,
+    )
+    .await
+    .map_err(|v| prefix(v, "B"))?;
+    // Routing applies to the decompressed packet: an echo request for
+    // server_ip goes to the server's TUN, and the reply comes back.
+    let echo = Probe::echo_request_padded(ga.ip, ga.server_ip, mtu.min(600));
+    let f = lz4::compress(&echo.bytes)
+        .ok_or_else(|| fail("internal: the padded echo request does not compress"))?;
+    a.send(Frame::Packet(f.into())).await?;
+    a.expect_echo_reply(&echo, ga.server_ip, cx.t().reply)
+        .await
+        .map_err(|v| prefix(v, "an echo request to server_ip sent as an lz4 frame"))?;
+    delivers_lz4(&cx, &a, &ga, &mut b, &gb, "after forged lz4 frames").await
+}
+
+async fn compression_bad_frames_dropped(cx: Ctx) -> CheckResult {
+    let (a, ga) = lz4_session(&cx, "session A").await?;
+    let (mut b, gb) = lz4_session(&cx, "session B").await?;
+    let mtu = mtu_of(&ga, &gb);
+    let len = 600.min(mtu);
+    let stated = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+    let mut probes = Vec::new();
+    let mut frames: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut case = |p: Probe, tag: u8, n: usize| {
+        let f = lz4::frame_with(tag, stated(n), &lz4::block(&p.bytes));
+        frames.push((p.what().to_string(), f));
+        probes.push(p);
+    };
+    case(
+        Probe::ipv4(
+            ga.ip,
+            gb.ip,
+            len,
+            "the packet in a frame of stated length 0",
+        ),
+        lz4::TAG_LZ4,
+        0,
+    );
+    if mtu < 65_535 {
+        case(
+            Probe::ipv4(
+                ga.ip,
+                gb.ip,
+                mtu + 1,
+                format!("the {}-byte packet in a frame stating mtu + 1", mtu + 1),
+            ),
+            lz4::TAG_LZ4,
+            mtu + 1,
+        );
+    }
+    case(
+        Probe::ipv4(
+            ga.ip,
+            gb.ip,
+            len,
+            "the packet in a frame stating one byte more",
+        ),
+        lz4::TAG_LZ4,
+        len + 1,
+    );
+    case(
+        Probe::ipv4(
+            ga.ip,
+            gb.ip,
+            len,
+            "the packet in a frame stating one byte less",
+        ),
+        lz4::TAG_LZ4,
+        len - 1,
+    );
+    case(
+        Probe::ipv4(
+            ga.ip,
+            gb.ip,
+            len,
+            "the packet in a frame of unknown tag 0x02",
+        ),
+        0x02,
+        len,
+    );
+    frames.push(("a truncated frame".into(), vec![lz4::TAG_LZ4, 0x02]));
+    frames.push((
+        "a frame whose block is not lz4".into(),
+        lz4::frame_with(lz4::TAG_LZ4, stated(len), &[0xff; 40]),
+    ));
+    for (what, f) in frames {
+        a.send(Frame::Packet(f.into()))
+            .await
+            .map_err(|v| prefix(v, &what))?;
+    }
+    b.expect_none(
+        &probes.iter().collect::<Vec<_>>(),
+        cx.t().quiet,
+        Match::Marker,
+    )
+    .await
+    .map_err(|v| prefix(v, "B"))?;
+    delivers_lz4(&cx, &a, &ga, &mut b, &gb, "after malformed lz4 frames").await
+}
+
+// ---------------------------------------------------------------- policy
+
+/// Floods `to` from `from` with identical packets, many times more than the
+/// rate lets through; returns an error when more arrive than the bucket
+/// allows, or fewer than its burst.
+async fn police(
+    cx: &Ctx,
+    from: &Session,
+    fg: &Grant,
+    to: &mut Session,
+    tg: &Grant,
+    rl: &super::RateLimit,
+) -> CheckResult {
+    let t = cx.t();
+    let pkt = 1000.min(mtu_of(fg, tg));
+    let rate = rl.bytes_per_sec as f64;
+    let burst = rl.burst_bytes as f64;
+    // The server may read what we sent up to a reply timeout late, earning
+    // tokens meanwhile: allow for that, and send three times as much.
+    let lag = t.reply.as_secs_f64();
+    let n = ((3.0 * (burst + rate * (lag + 0.5))) / pkt as f64).ceil() as usize;
+    let p = Probe::ipv4(fg.ip, tg.ip, pkt, "");
+    let t0 = Instant::now();
+    from.send_flood(vec![p.frame(); n], t.reply).await?;
+    let sent_for = t0.elapsed();
+    // Count what arrives until it stops (a queueing server keeps going).
+    let stop = Instant::now() + t.reply * 2;
+    let mut got = 0usize;
+    let mut last = Instant::now();
+    loop {
+        let step = (Instant::now() + t.quiet).min(stop);
+        match to.next_event_until(step).await {
+            None => break,
+            Some(Event::Closed(_)) => {
+                return Err(fail(format!(
+                    "the receiving session was closed after {got} of {n} packets"
+                )))
+            }
+            Some(Event::Packet(q)) if q[..] == p.bytes[..] => {
+                got += 1;
+                last = Instant::now();
+            }
+            Some(_) => {}
+        }
+        if Instant::now() >= stop {
+            break;
+        }
+    }
+    let bytes = (got * pkt) as u64;
+    let earned = (rate * (sent_for.as_secs_f64() + lag)).ceil() as u64;
+    let allowed = rl.burst_bytes + earned + pkt as u64;
+    ensure!(
+        bytes <= allowed,
+        "{got} of {n} {pkt}-byte packets arrived ({bytes} bytes, the last {:.1?} after sending ended, which took {sent_for:.1?}): more than the burst of {burst} bytes and {rate} bytes/s allow",
+        last.saturating_duration_since(t0 + sent_for)
+    );
+    ensure!(
+        bytes + pkt as u64 >= rl.burst_bytes.min((n * pkt) as u64),
+        "only {got} of {n} {pkt}-byte packets arrived: less than the burst of {burst} bytes (is --rate-limit-burst right?)"
+    );
+    // Tokens for a probe, then the session still routes.
+    let refill = Duration::from_secs_f64((200.0 / rate).max(0.1)).min(t.max_wait);
+    tokio::time::sleep(refill).await;
+    delivers(cx, from, fg, to, tg, "after the flood").await
+}
+
+async fn policy_rate_limit(cx: Ctx) -> CheckResult {
+    let Some(rl) = cx.target().rate_limit.clone() else {
+        return Err(skip(
+            "needs the server's rate limit: pass --rate-limit-bps (and --rate-limit-token, --rate-limit-burst)",
+        ));
+    };
+    let limited = rl.token.clone().unwrap_or_else(|| token(&cx).to_string());
+    let (mut a, ga) = Session::auth(&cx, &limited)
+        .await
+        .map_err(|v| prefix(v, "the rate-limited session A"))?;
+    let (mut b, gb) = Session::auth(&cx, token(&cx))
+        .await
+        .map_err(|v| prefix(v, "session B"))?;
+    police(&cx, &a, &ga, &mut b, &gb, &rl)
+        .await
+        .map_err(|v| prefix(v, "A (limited) → B"))?;
+    police(&cx, &b, &gb, &mut a, &ga, &rl)
+        .await
+        .map_err(|v| prefix(v, "B → A (limited)"))
+}
+
 // ---------------------------------------------------------------- concurrency
 
-/// Addresses the other checks of one run leave held (about 70, rounded up).
-const OTHER_CHECKS_HOLD: u64 = 80;
+/// Addresses the other checks of one run leave held (about 100, rounded up).
+const OTHER_CHECKS_HOLD: u64 = 110;
 
 async fn concurrency_sessions(cx: Ctx) -> CheckResult {
     let n = cx.target().sessions;
@@ -1321,12 +1896,22 @@ impl Session {
             match ev {
                 Event::Closed(_) => return Err(fail("the session was closed unexpectedly")),
                 Event::Packet(p) => {
+                    // A probe let through inside an lz4 frame counts too.
+                    let inner = lz4::is_extension(&p)
+                        .then(|| lz4::decode_lenient(&p))
+                        .flatten();
                     for probe in probes {
-                        let hit = match how {
-                            Match::Exact => p[..] == probe.bytes[..],
-                            Match::Marker => probe.is_in(&p),
+                        let hit = |x: &[u8]| match how {
+                            Match::Exact => x == &probe.bytes[..],
+                            Match::Marker => probe.is_in(x),
                         };
-                        ensure!(!hit, "received {} ({} bytes)", probe.what(), p.len());
+                        ensure!(!hit(&p), "received {} ({} bytes)", probe.what(), p.len());
+                        ensure!(
+                            !inner.as_deref().is_some_and(hit),
+                            "received {} inside an lz4 frame ({} bytes)",
+                            probe.what(),
+                            p.len()
+                        );
                     }
                 }
                 Event::Control(_) => {}

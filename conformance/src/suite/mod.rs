@@ -16,6 +16,8 @@
 mod checks;
 mod http;
 pub mod junit;
+mod lz4;
+mod raw;
 mod session;
 
 use std::fmt;
@@ -118,6 +120,29 @@ pub struct Target {
     pub exhaust_pool: bool,
     /// The most sessions the pool-exhaustion check opens before giving up.
     pub exhaust_limit: usize,
+    /// The server's rate limit for one token, for the check of [P3]; the
+    /// check is skipped without it.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A rate limit the server applies ([P3]): what `--rate-limit-bps`,
+/// `--rate-limit-burst` and `--rate-limit-token` say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained bytes per second, each direction.
+    pub bytes_per_sec: u64,
+    /// The bucket's size in bytes.
+    pub burst_bytes: u64,
+    /// The token whose sessions are limited; `None`: the target's token.
+    pub token: Option<String>,
+}
+
+impl RateLimit {
+    /// The burst the project's server uses when none is configured: a tenth
+    /// of a second's worth, at least 64 KiB.
+    pub fn default_burst(bytes_per_sec: u64) -> u64 {
+        (bytes_per_sec / 10).max(64 * 1024)
+    }
 }
 
 impl Target {
@@ -133,6 +158,7 @@ impl Target {
             sessions: 200,
             exhaust_pool: false,
             exhaust_limit: 1024,
+            rate_limit: None,
         }
     }
 }
@@ -246,6 +272,9 @@ pub struct Check {
     pub description: &'static str,
     /// The check itself.
     pub run: fn(Ctx) -> BoxFuture<'static, CheckResult>,
+    /// Whether it only waits on the server's timers with sessions of its
+    /// own, so that it can run alongside the other checks.
+    pub alongside: bool,
 }
 
 impl Check {
@@ -429,8 +458,52 @@ fn check_deadline(t: &Timeouts) -> Duration {
     t.max_wait + t.reply * 10 + Duration::from_secs(30)
 }
 
-/// Runs the selected checks over each of `transports`, one check at a time,
-/// calling `each` as every outcome is known.
+/// Runs one check and times it.
+async fn run_one(
+    check: &'static Check,
+    target: Arc<Target>,
+    dialer: Result<Arc<dyn Dial>, String>,
+    transport: Transport,
+    show_transport: bool,
+) -> Outcome {
+    let t0 = Instant::now();
+    let result = match dialer {
+        Err(e) => Err(fail(e)),
+        Ok(dialer) => {
+            let limit = check_deadline(&target.timeouts);
+            let cx = Ctx {
+                target,
+                dialer,
+                transport,
+            };
+            // A check runs in its own task so that a panic in it is a
+            // failure of that check, not the end of the run.
+            let task = tokio::spawn(tokio::time::timeout(limit, (check.run)(cx)));
+            match task.await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(fail(format!("check did not finish within {limit:?}"))),
+                Err(e) => Err(fail(format!("check crashed: {e}"))),
+            }
+        }
+    };
+    Outcome {
+        transport,
+        id: check.id,
+        spec: check.spec_label(),
+        result,
+        elapsed: t0.elapsed(),
+        show_transport,
+    }
+}
+
+/// Runs the selected checks over each of `transports`, one transport after
+/// the other, calling `each` with every outcome in the order of [`CHECKS`].
+///
+/// Checks run one at a time, except those that only wait on the server's
+/// timers ([`Check::alongside`]: the auth timeout and keepalive): they start
+/// in their turn and go on alongside the checks after them. Their sessions
+/// only wait (the checks before them, the address checks among them, run
+/// undisturbed), and a run takes seconds less per transport.
 pub async fn run(
     target: Target,
     transports: &[Transport],
@@ -442,42 +515,62 @@ pub async fn run(
     let show_transport = transports.len() > 1;
     let mut report = Report::default();
     for &transport in transports {
-        let dialer = dialer(&target, transport);
-        for check in CHECKS.iter().filter(|c| filter.matches(c)) {
-            let t0 = Instant::now();
-            let result = match &dialer {
-                Err(e) => Err(fail(e.to_string())),
-                Ok(d) => {
-                    let cx = Ctx {
-                        target: target.clone(),
-                        dialer: d.clone(),
-                        transport,
-                    };
-                    let limit = check_deadline(&target.timeouts);
-                    // A check runs in its own task so that a panic in it is a
-                    // failure of that check, not the end of the run.
-                    let task = tokio::spawn(tokio::time::timeout(limit, (check.run)(cx)));
-                    match task.await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(_)) => Err(fail(format!("check did not finish within {limit:?}"))),
-                        Err(e) => Err(fail(format!("check crashed: {e}"))),
-                    }
-                }
-            };
-            let outcome = Outcome {
+        let dialer = dialer(&target, transport).map_err(|e| e.to_string());
+        let selected: Vec<&'static Check> = CHECKS.iter().filter(|c| filter.matches(c)).collect();
+        let mut slots: Vec<Option<Outcome>> = selected.iter().map(|_| None).collect();
+        let mut background = Vec::new();
+        let mut next = 0;
+        let mut emit = |slots: &mut Vec<Option<Outcome>>, report: &mut Report| {
+            while let Some(Some(o)) = slots.get_mut(next).map(Option::take) {
+                each(&o);
+                report.outcomes.push(o);
+                next += 1;
+            }
+        };
+        for (i, check) in selected.iter().enumerate() {
+            let task = run_one(
+                check,
+                target.clone(),
+                dialer.clone(),
                 transport,
-                id: check.id,
-                spec: check.spec_label(),
-                result,
-                elapsed: t0.elapsed(),
                 show_transport,
-            };
-            each(&outcome);
-            report.outcomes.push(outcome);
+            );
+            if check.alongside {
+                background.push((i, tokio::spawn(task)));
+            } else {
+                slots[i] = Some(task.await);
+            }
+            let mut k = 0;
+            while k < background.len() {
+                if background[k].1.is_finished() || i + 1 == selected.len() {
+                    let (j, task) = background.swap_remove(k);
+                    slots[j] = Some(joined(task.await, selected[j], transport, show_transport));
+                } else {
+                    k += 1;
+                }
+            }
+            emit(&mut slots, &mut report);
         }
     }
     report.elapsed = started.elapsed();
     report
+}
+
+/// The outcome of a check that ran alongside, also when its task failed.
+fn joined(
+    r: Result<Outcome, tokio::task::JoinError>,
+    check: &'static Check,
+    transport: Transport,
+    show_transport: bool,
+) -> Outcome {
+    r.unwrap_or_else(|e| Outcome {
+        transport,
+        id: check.id,
+        spec: check.spec_label(),
+        result: Err(fail(format!("check crashed: {e}"))),
+        elapsed: Duration::ZERO,
+        show_transport,
+    })
 }
 
 /// Where `--junit` writes.
@@ -495,6 +588,7 @@ mod tests {
             spec,
             description: "",
             run: |_| Box::pin(async { Ok(()) }),
+            alongside: false,
         }
     }
 

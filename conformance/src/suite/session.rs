@@ -21,6 +21,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
 
+use super::lz4;
+use super::raw::RawSender;
 use super::{fail, Ctx, Verdict};
 
 /// What the background reader saw.
@@ -44,6 +46,8 @@ pub(crate) struct Session {
     closed: Option<Option<String>>,
     pings: Arc<AtomicU64>,
     reader: JoinHandle<()>,
+    /// Raw bytes onto the stream, for a session opened with `dial_raw`.
+    raw: Option<RawSender>,
 }
 
 impl Drop for Session {
@@ -61,6 +65,8 @@ pub(crate) struct Grant {
     pub mtu: u64,
     /// The `keepalive_secs` extension, when sent.
     pub keepalive_secs: Option<u64>,
+    /// The `compression` extension, when sent (§9).
+    pub compression: Option<String>,
 }
 
 impl Grant {
@@ -161,6 +167,14 @@ pub(crate) fn parse_auth_reply(text: &[u8]) -> Result<AuthReply, String> {
                 .ok_or_else(|| format!("keepalive_secs is not an integer: {v}"))?,
         ),
     };
+    let compression = match obj.get("compression") {
+        None => None,
+        Some(v) => Some(
+            v.as_str()
+                .ok_or_else(|| format!("compression is not a string: {v}"))?
+                .to_string(),
+        ),
+    };
     Ok(AuthReply {
         success,
         error,
@@ -170,6 +184,7 @@ pub(crate) fn parse_auth_reply(text: &[u8]) -> Result<AuthReply, String> {
             server_ip,
             mtu,
             keepalive_secs,
+            compression,
         }),
         raw,
     })
@@ -206,6 +221,29 @@ impl Session {
             .dial()
             .await
             .map_err(|e| fail(format!("connect: {e}")))?;
+        Ok(Session::over(tunnel, pings, queue, None))
+    }
+
+    /// Opens the transport (HTTP/2 or raw TLS) so that [`Session::send_raw`]
+    /// can also write bytes that are not well-formed framed messages.
+    pub async fn dial_raw(cx: &Ctx) -> Result<Session, Verdict> {
+        let t = super::raw::dial(cx.target(), cx.transport())
+            .await
+            .map_err(fail)?;
+        Ok(Session::over(
+            t.tunnel,
+            Pings::Answer,
+            EVENT_QUEUE,
+            Some(t.raw),
+        ))
+    }
+
+    fn over(
+        tunnel: sallyport_transports::Tunnel,
+        pings: Pings,
+        queue: usize,
+        raw: Option<RawSender>,
+    ) -> Session {
         let tx = Arc::new(Mutex::new(tunnel.tx));
         let (ev_tx, events) = mpsc::channel(queue);
         let pings_seen = Arc::new(AtomicU64::new(0));
@@ -216,13 +254,27 @@ impl Session {
             pings,
             pings_seen.clone(),
         ));
-        Ok(Session {
+        Session {
             tx,
             events,
             closed: None,
             pings: pings_seen,
             reader,
-        })
+            raw,
+        }
+    }
+
+    /// Writes `bytes` as they are onto a session opened with `dial_raw`.
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), Verdict> {
+        let Some(raw) = &self.raw else {
+            return Err(fail("this session cannot send raw bytes"));
+        };
+        // Behind the frames sent before it: the sink does not buffer.
+        let _lock = self.tx.lock().await;
+        raw.clone()
+            .send(Bytes::copy_from_slice(bytes))
+            .await
+            .map_err(|e| fail(format!("send: {e}")))
     }
 
     /// Dials and sends `hello`, returns the parsed reply.
@@ -457,7 +509,64 @@ impl Session {
                 Some(Event::Closed(e)) => {
                     return Err(fail(closed_reason("while waiting for the echo reply", e)))
                 }
-                Some(Event::Packet(p)) if is_echo_reply_to(&p, request, from) => return Ok(()),
+                Some(Event::Packet(p)) if is_echo_reply_to(&unwrap_lz4(&p), request, from) => {
+                    return Ok(())
+                }
+                Some(_) => continue,
+            }
+        }
+    }
+
+    /// Waits for `want` on a session that negotiated lz4: it may come raw or
+    /// as an lz4 frame ([C3]), which must then decode to exactly `want` and
+    /// be smaller than it.
+    pub async fn expect_packet_lz4(
+        &mut self,
+        want: &Probe,
+        mtu: usize,
+        within: Duration,
+    ) -> Result<(), Verdict> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.next_event_until(deadline).await {
+                None => return Err(fail(format!("the packet did not arrive within {within:?}"))),
+                Some(Event::Closed(e)) => {
+                    return Err(fail(closed_reason("while waiting for a packet", e)))
+                }
+                Some(Event::Packet(p)) if p[..] == want.bytes[..] => return Ok(()),
+                Some(Event::Packet(p)) if lz4::is_extension(&p) => match lz4::decode(&p, mtu) {
+                    Ok(inner) if inner == want.bytes => {
+                        if p.len() >= want.bytes.len() {
+                            return Err(fail(format!(
+                                "a {}-byte packet came as a {}-byte lz4 frame: a frame is sent only when smaller",
+                                want.bytes.len(),
+                                p.len()
+                            )));
+                        }
+                        return Ok(());
+                    }
+                    Ok(inner) if want.is_in(&inner) => {
+                        return Err(fail(format!(
+                            "the packet arrived altered inside an lz4 frame: {} bytes, sent {}",
+                            inner.len(),
+                            want.bytes.len()
+                        )))
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        return Err(fail(format!(
+                            "received an lz4 frame that does not decode ({e}): {} bytes",
+                            p.len()
+                        )))
+                    }
+                },
+                Some(Event::Packet(p)) if want.is_in(&p) => {
+                    return Err(fail(format!(
+                        "the packet arrived altered: {} bytes, sent {}",
+                        p.len(),
+                        want.bytes.len()
+                    )))
+                }
                 Some(_) => continue,
             }
         }
@@ -551,6 +660,15 @@ pub(crate) fn auth(token: &str, client_id: Option<&str>) -> Control {
     })
 }
 
+/// `{"type":"auth",...,"compression":offer}`.
+pub(crate) fn auth_offering(token: &str, offer: &[&str]) -> Control {
+    Control::Auth(Auth {
+        token: Token::new(token),
+        client_id: None,
+        compression: Some(offer.iter().map(|s| s.to_string()).collect()),
+    })
+}
+
 /// `{"type":"reconnect",...}`.
 pub(crate) fn reconnect(token: &str, previous: Ipv4Addr, client_id: Option<&str>) -> Control {
     Control::Reconnect(Reconnect {
@@ -603,9 +721,16 @@ impl Probe {
 
     /// An ICMP echo request `src` → `dst`.
     pub fn echo_request(src: Ipv4Addr, dst: Ipv4Addr) -> Probe {
+        Probe::echo_request_padded(src, dst, 0)
+    }
+
+    /// An ICMP echo request `src` → `dst` with `pad` zero bytes after the
+    /// marker (which makes it compressible).
+    pub fn echo_request_padded(src: Ipv4Addr, dst: Ipv4Addr, pad: usize) -> Probe {
         let m = marker();
         let mut icmp = vec![8, 0, 0, 0, 0x53, 0x50, 0, 1];
         icmp.extend_from_slice(&m);
+        icmp.resize(icmp.len() + pad, 0);
         let sum = checksum(&icmp);
         icmp[2..4].copy_from_slice(&sum.to_be_bytes());
         Probe {
@@ -642,6 +767,17 @@ impl Probe {
     pub fn frame(&self) -> Frame {
         Frame::Packet(Bytes::copy_from_slice(&self.bytes))
     }
+}
+
+/// A binary message as a packet: an lz4 frame that decodes is replaced by
+/// the packet inside it, anything else is left as it is.
+pub(crate) fn unwrap_lz4(p: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if lz4::is_extension(p) {
+        if let Ok(inner) = lz4::decode(p, 65_535) {
+            return inner.into();
+        }
+    }
+    p.into()
 }
 
 fn is_echo_reply_to(p: &[u8], request: &Probe, from: Ipv4Addr) -> bool {
