@@ -6,13 +6,21 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use sallyport_conformance::suite::{Filter, Report, Verdict};
+use sallyport_conformance::suite::{Filter, Report, Transport, Verdict};
 use support::mini::{Faults, MiniServer};
-use support::{run_suite, target, RealServer};
+use support::{run_suite, run_suite_over, target, token2_rate_limit, RealServer};
 
-/// Checks that may be skipped against these servers, and why: none of them
-/// offers compression, and exhausting the pool is a test of its own.
-const EXPECTED_SKIPS: [&str; 2] = ["extensions.compression", "handshake.pool_exhausted"];
+/// Checks that are skipped against the real hub over WebSocket, and why:
+/// framed messages belong to the other transports, and exhausting the pool
+/// is a test of its own.
+const EXPECTED_SKIPS: [&str; 2] = ["transport.bad_framing", "handshake.pool_exhausted"];
+
+/// The mini servers limit no rate, so the suite is not told of one either.
+const MINI_SKIPS: [&str; 3] = [
+    "transport.bad_framing",
+    "handshake.pool_exhausted",
+    "policy.rate_limit",
+];
 
 /// Sessions for the concurrency check against the mini servers: the point
 /// there is the fault, not the load.
@@ -35,15 +43,31 @@ fn set(ids: &[&str]) -> BTreeSet<String> {
 }
 
 fn assert_only_expected_skips(r: &Report) {
-    assert_eq!(skipped(r), set(&EXPECTED_SKIPS), "skipped checks");
+    assert_eq!(skipped(r), set(&MINI_SKIPS), "skipped checks");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_hub_passes_every_check() {
     let server = RealServer::start("10.100.0.0/16").await;
-    let report = run_suite(target(&server.url, &server.certs, 200), &Filter::all()).await;
+    let mut t = target(&server.url, &server.certs, 200);
+    t.rate_limit = Some(token2_rate_limit());
+    let report = run_suite(t, &Filter::all()).await;
     assert_eq!(report.failed(), 0, "failed: {:?}", report.failed_ids());
-    assert_only_expected_skips(&report);
+    assert_eq!(skipped(&report), set(&EXPECTED_SKIPS), "skipped checks");
+}
+
+/// The checks of the framed transports and of compression, over HTTP/2 and
+/// raw TLS (the netns test runs the whole suite over them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_hub_passes_the_framing_and_compression_checks_over_h2_and_tls() {
+    let server = RealServer::start("10.100.0.0/16").await;
+    let report = run_suite_over(
+        target(&server.url, &server.certs, 20),
+        &[Transport::H2, Transport::Tls],
+        &Filter::parse("transport.bad_framing,compression,routing.client_to_client"),
+    )
+    .await;
+    assert_eq!(report.summary(), "14 passed, 0 failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,6 +95,21 @@ async fn assert_fails_exactly(faults: Faults, expected: &[&str]) {
     assert_only_expected_skips(&report);
 }
 
+/// As [`assert_fails_exactly`], among the compression and routing checks
+/// only: a fault in the handling of lz4 frames cannot touch the others,
+/// which never negotiate compression (and a third of a full run is quicker).
+async fn assert_fails_exactly_among_packet_checks(faults: Faults, expected: &[&str]) {
+    let server = MiniServer::start("10.77.0.0/22", faults).await;
+    let report = run_suite(
+        target(&server.url, &server.certs, MINI_SESSIONS),
+        &Filter::parse("compression,routing"),
+    )
+    .await;
+    assert_eq!(failed(&report), set(expected), "{faults:?}");
+    assert_eq!(skipped(&report), set(&[]), "skipped checks");
+    assert_eq!(report.outcomes.len(), 14, "compression and routing checks");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mini_server_without_faults_passes_every_check() {
     let report = mini(Faults::default()).await;
@@ -84,7 +123,8 @@ async fn a_server_that_does_not_check_the_source_fails_forged_source() {
         no_source_check: true,
         ..Faults::default()
     };
-    assert_fails_exactly(faults, &["routing.forged_source"]).await;
+    // Nor of a packet that came compressed ([C5], [P1]).
+    assert_fails_exactly(faults, &["routing.forged_source", "compression.lz4_policy"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,4 +226,59 @@ async fn a_server_without_keepalive_fails_the_keepalive_checks() {
         ],
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_answers_unoffered_compression_fails_the_negotiation_checks() {
+    let faults = Faults {
+        answers_unoffered_compression: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly_among_packet_checks(
+        faults,
+        &["compression.negotiation", "compression.not_negotiated"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_forwards_lz4_frames_fails_the_delivery_checks() {
+    let faults = Faults {
+        forwards_lz4_frames: true,
+        ..Faults::default()
+    };
+    // A client without compression receives another's frame as it came.
+    assert_fails_exactly_among_packet_checks(
+        faults,
+        &["compression.not_negotiated", "compression.lz4_delivered"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ignores_stated_lengths_fails_bad_frames_dropped() {
+    let faults = Faults {
+        lax_lz4_lengths: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly_among_packet_checks(faults, &["compression.bad_frames_dropped"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_checks_sources_before_decompressing_fails_lz4_policy() {
+    let faults = Faults {
+        spoof_check_before_decompress: true,
+        ..Faults::default()
+    };
+    assert_fails_exactly_among_packet_checks(faults, &["compression.lz4_policy"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_rate_limit_fails_rate_limit() {
+    // Told that TOKEN2 is limited, the suite finds that it is not.
+    let server = MiniServer::start("10.77.0.0/22", Faults::default()).await;
+    let mut t = target(&server.url, &server.certs, MINI_SESSIONS);
+    t.rate_limit = Some(token2_rate_limit());
+    let report = run_suite(t, &Filter::parse("policy.rate_limit")).await;
+    assert_eq!(failed(&report), set(&["policy.rate_limit"]));
 }

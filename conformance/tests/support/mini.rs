@@ -47,6 +47,61 @@ pub struct Faults {
     pub unknown_first_is_invalid: bool,
     /// [K1]/[K2]: no pings sent, silence never ends a session.
     pub no_keepalive: bool,
+    /// [C1]/[C2]: every successful auth_response says `"compression":"lz4"`,
+    /// offered or not (packets are compressed only for those that offered).
+    pub answers_unoffered_compression: bool,
+    /// [C1]/[C3]: a packet that came as an lz4 frame is routed by what is
+    /// inside, but the frame itself is forwarded, also to clients that did
+    /// not negotiate compression.
+    pub forwards_lz4_frames: bool,
+    /// [C4]: lz4 frames are decompressed whatever their tag and stated
+    /// length say.
+    pub lax_lz4_lengths: bool,
+    /// [C5]: the source check is made on the frame, before decompressing, so
+    /// a packet that came compressed is never checked.
+    pub spoof_check_before_decompress: bool,
+}
+
+/// Packets shorter than this are sent raw to clients with lz4.
+const COMPRESS_FROM: usize = 128;
+
+/// A packet towards a client with lz4: as a frame when that is smaller.
+fn compress(p: Bytes) -> Bytes {
+    if p.len() < COMPRESS_FROM || p.first().is_some_and(|b| b >> 4 == 0) {
+        return p;
+    }
+    let Ok(len) = u16::try_from(p.len()) else {
+        return p;
+    };
+    let mut f = vec![0x01];
+    f.extend_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&lz4_flex::block::compress(&p));
+    if f.len() < p.len() {
+        f.into()
+    } else {
+        p
+    }
+}
+
+/// The packet inside an lz4 frame, by the rules of [C4] unless `lax`.
+fn decompress(f: &[u8], lax: bool) -> Option<Bytes> {
+    let (&tag, rest) = f.split_first()?;
+    let (hi_lo, block) = (rest.get(..2)?, rest.get(2..)?);
+    let stated = usize::from(u16::from_be_bytes([hi_lo[0], hi_lo[1]]));
+    if lax {
+        let mut out = vec![0u8; 65_536];
+        let n = lz4_flex::block::decompress_into(block, &mut out).ok()?;
+        out.truncate(n);
+        return Some(out.into());
+    }
+    if tag != 0x01 || stated == 0 || stated > usize::from(MTU) {
+        return None;
+    }
+    let mut out = vec![0u8; stated];
+    match lz4_flex::block::decompress_into(block, &mut out) {
+        Ok(n) if n == stated => Some(out.into()),
+        _ => None,
+    }
 }
 
 #[derive(Debug)]
@@ -185,18 +240,25 @@ async fn session(state: Arc<State>, tunnel: Tunnel, id: u64, stop: CancellationT
         .get("client_id")
         .and_then(Value::as_str)
         .map(String::from);
+    let lz4 = hello
+        .get("compression")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().any(|c| c.as_str() == Some("lz4")));
 
     let cancel = stop.child_token();
     let (pkt_tx, mut pkt_rx) = mpsc::channel::<Bytes>(1024);
     let Some(addr) = state.acquire(token, client_id, previous, id, pkt_tx.clone(), &cancel) else {
         return refuse(&mut tx, "pool_exhausted").await;
     };
-    let welcome = json!({
+    let mut welcome = json!({
         "type": "auth_response", "success": true,
         "assigned_ip": addr.to_string(), "subnet": state.subnet.to_string(),
         "server_ip": state.server_ip.to_string(), "mtu": MTU,
         "keepalive_secs": KEEPALIVE.as_secs(),
     });
+    if lz4 || f.answers_unoffered_compression {
+        welcome["compression"] = json!("lz4");
+    }
     if tx.send(control(welcome)).await.is_err() {
         state.release(addr, id);
         return;
@@ -211,7 +273,7 @@ async fn session(state: Arc<State>, tunnel: Tunnel, id: u64, stop: CancellationT
             let frame = tokio::select! {
                 _ = wcancel.cancelled() => break,
                 Some(c) = ctl_rx.recv() => c,
-                Some(p) = pkt_rx.recv() => Frame::Packet(p),
+                Some(p) = pkt_rx.recv() => Frame::Packet(if lz4 { compress(p) } else { p }),
                 _ = tick.tick(), if !f.no_keepalive => control(json!({"type":"ping"})),
             };
             if tx.send(frame).await.is_err() {
@@ -260,7 +322,13 @@ async fn session(state: Arc<State>, tunnel: Tunnel, id: u64, stop: CancellationT
                     None => break,
                 }
             }
-            Some(Ok(Frame::Packet(p))) => state.route(addr, p, &pkt_tx).await,
+            Some(Ok(Frame::Packet(p))) if lz4 && p.first().is_some_and(|b| b >> 4 == 0) => {
+                // Dropped when it does not decompress.
+                if let Some(inner) = decompress(&p, f.lax_lz4_lengths) {
+                    state.route(addr, inner, Some(p), &pkt_tx).await;
+                }
+            }
+            Some(Ok(Frame::Packet(p))) => state.route(addr, p, None, &pkt_tx).await,
         }
     }
     cancel.cancel();
@@ -361,14 +429,24 @@ impl State {
         }
     }
 
-    async fn route(&self, from: Ipv4Addr, p: Bytes, own: &mpsc::Sender<Bytes>) {
+    /// Routes packet `p` from the session at `from`; `wire` is the lz4 frame
+    /// it came in, if it came compressed.
+    async fn route(
+        &self,
+        from: Ipv4Addr,
+        p: Bytes,
+        wire: Option<Bytes>,
+        own: &mpsc::Sender<Bytes>,
+    ) {
         if p.len() > usize::from(MTU) {
             return;
         }
         let Ok(IpHeader::V4(h)) = IpHeader::parse(&p) else {
             return;
         };
-        if h.src != from && !self.faults.no_source_check {
+        let unchecked = self.faults.no_source_check
+            || (self.faults.spoof_check_before_decompress && wire.is_some());
+        if h.src != from && !unchecked {
             return;
         }
         if h.dst == self.server_ip || !self.subnet.contains(&h.dst) {
@@ -380,6 +458,10 @@ impl State {
             }
             return;
         }
+        let p = match wire {
+            Some(frame) if self.faults.forwards_lz4_frames => frame,
+            _ => p,
+        };
         match self.route_to(h.dst) {
             Some(tx) if self.faults.blocking_queue => {
                 let _ = tx.send(p).await;

@@ -8,6 +8,7 @@
 pub mod mini;
 
 use std::net::Ipv4Addr;
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use sallyport_conformance::suite::{self, Filter, Report, Target, Timeouts, Trans
 use sallyport_core::ip::{checksum, Ipv4Header};
 use sallyport_core::message::Token;
 use sallyport_core::PacketBatch;
+use sallyport_middleware::Rate;
 use sallyport_server::hub::Hub;
 use sallyport_server::pool::IpPool;
 use sallyport_server::session::{self, SessionConfig};
@@ -32,6 +34,18 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const KEEPALIVE: Duration = Duration::from_secs(1);
 pub const MTU: u16 = 1420;
 pub const MAX_FRAME: usize = 65_535;
+/// The real hub's rate limit for the sessions of TOKEN2: bytes per second and
+/// burst.
+pub const TOKEN2_RATE: (u64, u64) = (200_000, 20_000);
+
+/// What the suite is told about that limit.
+pub fn token2_rate_limit() -> suite::RateLimit {
+    suite::RateLimit {
+        bytes_per_sec: TOKEN2_RATE.0,
+        burst_bytes: TOKEN2_RATE.1,
+        token: Some(TOKEN2.into()),
+    }
+}
 
 static DIRS: AtomicU32 = AtomicU32::new(0);
 
@@ -103,9 +117,15 @@ pub fn target(url: &str, certs: &Certs, sessions: usize) -> Target {
     t
 }
 
-/// Runs the suite and prints its lines (shown when a test fails).
+/// Runs the suite over WebSocket and prints its lines (shown when a test
+/// fails).
 pub async fn run_suite(target: Target, filter: &Filter) -> Report {
-    let report = suite::run(target, &[Transport::Wss], filter, |o| {
+    run_suite_over(target, &[Transport::Wss], filter).await
+}
+
+/// Runs the suite over `transports` and prints its lines.
+pub async fn run_suite_over(target: Target, transports: &[Transport], filter: &Filter) -> Report {
+    let report = suite::run(target, transports, filter, |o| {
         println!("{}  ({:.2?})", o.line(), o.elapsed)
     })
     .await;
@@ -129,9 +149,10 @@ pub fn kernel_echo_reply(packet: &[u8], server_ip: Ipv4Addr) -> Option<Vec<u8>> 
     Some(sallyport_core::ip::build_ipv4(h.dst, h.src, 1, &reply))
 }
 
-/// The real hub, sessions and pool over a real listener; the TUN device is
-/// replaced by a task that answers ICMP echo requests to the server address,
-/// as the kernel would.
+/// The real hub, sessions and pool over a real listener (every transport;
+/// compression on; TOKEN2's sessions rate limited to [`TOKEN2_RATE`]); the
+/// TUN device is replaced by a task that answers ICMP echo requests to the
+/// server address, as the kernel would.
 pub struct RealServer {
     pub url: String,
     pub certs: Certs,
@@ -169,7 +190,14 @@ impl RealServer {
                 mtu: MTU,
             },
             compression: true,
-            rate_limits: vec![None, None].into(),
+            rate_limits: vec![
+                None,
+                Some(Rate::new(
+                    NonZeroU64::new(TOKEN2_RATE.0).expect("rate"),
+                    NonZeroU64::new(TOKEN2_RATE.1).expect("burst"),
+                )),
+            ]
+            .into(),
         });
         let shutdown = CancellationToken::new();
         let tun_hub = hub.clone();
