@@ -282,3 +282,17 @@ async fn a_server_without_a_rate_limit_fails_rate_limit() {
     let report = run_suite(t, &Filter::parse("policy.rate_limit")).await;
     assert_eq!(failed(&report), set(&["policy.rate_limit"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_lenient_framing_fails_bad_framing() {
+    let server = MiniServer::start_lenient_framing("10.77.0.0/22").await;
+    let report = run_suite_over(
+        target(&server.url, &server.certs, MINI_SESSIONS),
+        &[Transport::Tls],
+        &Filter::parse("transport,routing.client_to_client"),
+    )
+    .await;
+    assert_eq!(failed(&report), set(&["transport.bad_framing"]));
+    // The 404 check belongs to WebSocket.
+    assert_eq!(skipped(&report), set(&["transport.not_found"]));
+}

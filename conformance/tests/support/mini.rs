@@ -173,6 +173,96 @@ impl MiniServer {
     }
 }
 
+impl MiniServer {
+    /// A mini server without faults, but for raw TLS only and with a framing
+    /// decoder that breaks [F4]: it ignores the compressed flag, and skips
+    /// messages of length 0 or of an unknown kind instead of ending the
+    /// session.
+    pub async fn start_lenient_framing(subnet: &str) -> Self {
+        let certs = Certs::new();
+        let alpn = sallyport_transports::raw::ALPN;
+        let tls =
+            sallyport_transports::tls::server_config(&certs.files.cert, &certs.files.key, &[alpn])
+                .expect("tls config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = tcp.local_addr().expect("addr").port();
+        let url = format!("wss://127.0.0.1:{port}/tunnel");
+        let subnet: Ipv4Net = subnet.parse().expect("subnet");
+        let state = Arc::new(State {
+            faults: Faults::default(),
+            subnet,
+            server_ip: subnet.hosts().next().expect("host"),
+            leases: Mutex::new(HashMap::new()),
+        });
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        let ids = AtomicU64::new(1);
+        let task = tokio::spawn(async move {
+            while let Ok((conn, peer)) = tcp.accept().await {
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let (acceptor, state, stop) =
+                    (acceptor.clone(), state.clone(), stop2.child_token());
+                tokio::spawn(async move {
+                    let Ok(io) = acceptor.accept(conn).await else {
+                        return;
+                    };
+                    let (r, w) = tokio::io::split(io);
+                    let tunnel = Tunnel {
+                        tx: Box::pin(tokio_util::codec::FramedWrite::new(
+                            w,
+                            sallyport_transports::framing::FrameCodec::new(super::MAX_FRAME),
+                        )),
+                        rx: Box::pin(lenient_frames(r)),
+                        info: sallyport_transports::TunnelInfo {
+                            transport: sallyport_transports::TransportKind::RawTls,
+                            peer: Some(peer),
+                        },
+                    };
+                    session(state, tunnel, id, stop).await;
+                });
+            }
+        });
+        Self {
+            url,
+            certs,
+            task,
+            stop,
+        }
+    }
+}
+
+/// Framed messages as a lenient (non-conforming) decoder reads them.
+fn lenient_frames<R>(
+    r: R,
+) -> impl futures::Stream<Item = Result<Frame, sallyport_transports::TransportError>> + Send
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    futures::stream::unfold((r, bytes::BytesMut::new()), |(mut r, mut buf)| async move {
+        loop {
+            if buf.len() >= 5 {
+                let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if buf.len() >= 5 + len {
+                    let msg = buf.split_to(5 + len).split_off(5).freeze();
+                    match msg.first() {
+                        Some(0x01) => return Some((Ok(Frame::Control(msg.slice(1..))), (r, buf))),
+                        Some(0x02) => return Some((Ok(Frame::Packet(msg.slice(1..))), (r, buf))),
+                        _ => continue,
+                    }
+                }
+            }
+            match r.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    })
+}
+
 fn failure(error: &str) -> Frame {
     Frame::Control(
         json!({"type":"auth_response","success":false,"error":error})
