@@ -4,6 +4,11 @@
 //! A small boundary over tun-rs, so that the server and client never see
 //! platform details. This crate must not depend on transports, middleware or
 //! anything that knows about the wire.
+//!
+//! On Linux the kernel adds the subnet route with the address. On Windows the
+//! device is a Wintun adapter (`wintun.dll` is loaded from the executable's
+//! directory); address, prefix, MTU and the subnet route are set one by one and
+//! read back, and the route this crate added is removed with the device.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -12,6 +17,9 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use sallyport_core::PacketBatch;
 
+#[cfg(windows)]
+mod windows;
+
 /// How to create the device.
 #[derive(Debug, Clone)]
 pub struct TunConfig {
@@ -19,7 +27,7 @@ pub struct TunConfig {
     pub name: String,
     /// This host's address inside the tunnel.
     pub address: Ipv4Addr,
-    /// Prefix length of the tunnel subnet; the kernel adds the subnet route.
+    /// Prefix length of the tunnel subnet; the subnet is routed to the device.
     pub prefix: u8,
     /// Interface MTU.
     pub mtu: u16,
@@ -29,9 +37,19 @@ pub struct TunConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
     /// The process may not create network interfaces.
-    #[error(
-        "create TUN device {name}: permission denied: sallyport needs root or CAP_NET_ADMIN \
-         (and access to /dev/net/tun)"
+    #[cfg_attr(
+        not(windows),
+        error(
+            "create TUN device {name}: permission denied: sallyport needs root or CAP_NET_ADMIN \
+             (and access to /dev/net/tun)"
+        )
+    )]
+    #[cfg_attr(
+        windows,
+        error(
+            "create TUN device {name}: access denied: run as Administrator or as the \
+             Sallyport service"
+        )
     )]
     PermissionDenied {
         /// Interface name.
@@ -62,15 +80,57 @@ pub enum TunError {
         #[source]
         source: io::Error,
     },
+    /// The TUN driver library could not be found or loaded (Windows: `wintun.dll`).
+    #[error("load TUN driver {path}: {reason}")]
+    Driver {
+        /// Where it was looked for.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Setting a property of the interface failed (Windows: MTU, route).
+    #[error("set {what} on {name}: {source}")]
+    Configure {
+        /// Interface name.
+        name: String,
+        /// What was being set, e.g. `MTU 1420`.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A property read back after setting it differs from what was set.
+    #[error("verify {name}: {what}")]
+    Verify {
+        /// Interface name.
+        name: String,
+        /// What differs.
+        what: String,
+    },
 }
 
 /// A TUN device, up, with its address and MTU set. Cheap to clone; the
-/// interface is removed when the last clone is dropped.
+/// interface (and on Windows the route added for it) is removed when the last
+/// clone is dropped.
 #[derive(Clone)]
 pub struct TunDevice {
-    dev: Arc<tun_rs::AsyncDevice>,
+    dev: Backend,
     name: Arc<str>,
     mtu: u16,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Os(Arc<OsDevice>),
+    #[cfg(feature = "test-null-device")]
+    Null,
+}
+
+struct OsDevice {
+    // Declared before `dev` so that the route goes before the adapter.
+    #[cfg(windows)]
+    route: std::sync::Mutex<Option<windows::Route>>,
+    dev: tun_rs::AsyncDevice,
 }
 
 impl std::fmt::Debug for TunDevice {
@@ -86,23 +146,47 @@ impl TunDevice {
     ///
     /// Must be called from within a tokio runtime.
     pub fn create(cfg: &TunConfig) -> Result<Self, TunError> {
-        let dev = tun_rs::DeviceBuilder::new()
-            .name(cfg.name.clone())
-            .mtu(cfg.mtu)
-            .ipv4(cfg.address, cfg.prefix, None)
-            .enable(true)
-            .build_async()
-            .map_err(|source| {
-                let name = cfg.name.clone();
-                if source.kind() == io::ErrorKind::PermissionDenied
-                    || source.raw_os_error() == Some(1)
-                {
-                    TunError::PermissionDenied { name, source }
-                } else {
-                    TunError::Create { name, source }
-                }
-            })?;
-        let name = dev.name().unwrap_or_else(|_| cfg.name.clone());
+        #[cfg(feature = "test-null-device")]
+        {
+            tracing::warn!(
+                interface = %cfg.name,
+                address = %cfg.address,
+                "test-null-device build: no TUN device is created; inside packets are dropped"
+            );
+            Ok(Self {
+                dev: Backend::Null,
+                name: cfg.name.as_str().into(),
+                mtu: cfg.mtu,
+            })
+        }
+        #[cfg(not(feature = "test-null-device"))]
+        {
+            Self::create_os(cfg)
+        }
+    }
+
+    #[cfg_attr(feature = "test-null-device", allow(dead_code))]
+    fn create_os(cfg: &TunConfig) -> Result<Self, TunError> {
+        #[cfg(not(windows))]
+        let os = {
+            let dev = tun_rs::DeviceBuilder::new()
+                .name(cfg.name.clone())
+                .mtu(cfg.mtu)
+                .ipv4(cfg.address, cfg.prefix, None)
+                .enable(true)
+                .build_async()
+                .map_err(|source| create_error(&cfg.name, source))?;
+            OsDevice { dev }
+        };
+        #[cfg(windows)]
+        let os = {
+            let (dev, route) = windows::create(cfg)?;
+            OsDevice {
+                route: std::sync::Mutex::new(route),
+                dev,
+            }
+        };
+        let name = os.dev.name().unwrap_or_else(|_| cfg.name.clone());
         tracing::info!(
             interface = %name,
             address = %cfg.address,
@@ -111,7 +195,7 @@ impl TunDevice {
             "inside device up"
         );
         Ok(Self {
-            dev: Arc::new(dev),
+            dev: Backend::Os(Arc::new(os)),
             name: name.into(),
             mtu: cfg.mtu,
         })
@@ -129,26 +213,56 @@ impl TunDevice {
 
     /// Replaces the interface's IPv4 address (and with it the subnet route).
     pub fn set_address(&self, address: Ipv4Addr, prefix: u8) -> Result<(), TunError> {
-        self.dev
-            .set_network_address(address, prefix, None)
-            .map_err(|source| TunError::Address {
-                name: self.name.to_string(),
-                address,
-                prefix,
-                source,
-            })?;
+        match &self.dev {
+            Backend::Os(os) => {
+                #[cfg(not(windows))]
+                os.dev
+                    .set_network_address(address, prefix, None)
+                    .map_err(|source| TunError::Address {
+                        name: self.name.to_string(),
+                        address,
+                        prefix,
+                        source,
+                    })?;
+                #[cfg(windows)]
+                {
+                    let mut route = os.route.lock().unwrap_or_else(|p| p.into_inner());
+                    // The old route goes first; its subnet may differ.
+                    drop(route.take());
+                    *route = windows::readdress(&os.dev, &self.name, address, prefix, self.mtu)?;
+                }
+            }
+            #[cfg(feature = "test-null-device")]
+            Backend::Null => {}
+        }
         tracing::info!(interface = %self.name, %address, prefix, "inside address changed");
         Ok(())
     }
 
     /// Reads one packet, waiting until one is there.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.dev.recv(buf).await
+        match &self.dev {
+            Backend::Os(os) => os.dev.recv(buf).await,
+            #[cfg(feature = "test-null-device")]
+            Backend::Null => std::future::pending().await,
+        }
     }
 
     /// Writes one packet.
     pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.dev.send(packet).await
+        match &self.dev {
+            Backend::Os(os) => os.dev.send(packet).await,
+            #[cfg(feature = "test-null-device")]
+            Backend::Null => Ok(packet.len()),
+        }
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match &self.dev {
+            Backend::Os(os) => os.dev.try_recv(buf),
+            #[cfg(feature = "test-null-device")]
+            Backend::Null => Err(io::ErrorKind::WouldBlock.into()),
+        }
     }
 
     /// Awaits the first packet, then takes whatever else is ready, until
@@ -162,7 +276,7 @@ impl TunDevice {
         while !batch.is_full() {
             reserve(buf, slot);
             buf.resize(slot, 0);
-            match self.dev.try_recv(&mut buf[..slot]) {
+            match self.try_recv(&mut buf[..slot]) {
                 Ok(n) => {
                     buf.truncate(n);
                     batch.push(buf.split().freeze());
@@ -182,7 +296,7 @@ impl TunDevice {
 
     async fn recv_into(&self, buf: &mut BytesMut, slot: usize) -> io::Result<usize> {
         buf.resize(slot, 0);
-        let r = self.dev.recv(&mut buf[..slot]).await;
+        let r = self.recv(&mut buf[..slot]).await;
         match r {
             Ok(n) => {
                 buf.truncate(n);
@@ -193,6 +307,18 @@ impl TunDevice {
                 Err(e)
             }
         }
+    }
+}
+
+/// Classifies a failure to create the device.
+fn create_error(name: &str, source: io::Error) -> TunError {
+    let name = name.to_string();
+    // EPERM on Linux, ERROR_ACCESS_DENIED on Windows.
+    let denied = if cfg!(windows) { 5 } else { 1 };
+    if source.kind() == io::ErrorKind::PermissionDenied || source.raw_os_error() == Some(denied) {
+        TunError::PermissionDenied { name, source }
+    } else {
+        TunError::Create { name, source }
     }
 }
 
