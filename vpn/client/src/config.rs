@@ -315,9 +315,10 @@ pub enum ConfigError {
     Parse {
         /// The file.
         path: PathBuf,
-        /// Cause (names the key and line).
+        /// Cause (names the key and line). Boxed: it is large, and so is
+        /// `PathBuf` on Windows.
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     /// A value that parses but cannot work.
     #[error("config {path}: key `{key}`: {reason}")]
@@ -345,7 +346,7 @@ impl ClientConfig {
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: origin.into(),
-            source,
+            source: Box::new(source),
         })?;
         let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
             path: origin.into(),

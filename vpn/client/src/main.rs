@@ -1,4 +1,5 @@
-//! `sallyport-client --config FILE [--check-config]`
+//! `sallyport-client --config FILE [--check-config]`, and on Windows
+//! `sallyport-client service install|uninstall|start|stop`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,16 +9,24 @@ use clap::Parser;
 use sallyport_client::config::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
+mod logging;
+#[cfg(windows)]
+mod service;
+
 /// Sallyport VPN client.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Path to the TOML configuration.
-    #[arg(long, default_value = "/etc/sallyport/client.toml")]
-    config: PathBuf,
+    /// Path to the TOML configuration [default: /etc/sallyport/client.toml;
+    /// on Windows %ProgramData%\Sallyport\client.toml].
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[cfg(windows)]
+    #[command(subcommand)]
+    command: Option<service::Command>,
 }
 
 fn main() -> ExitCode {
@@ -32,13 +41,26 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
-    let cfg = ClientConfig::load(&args.config)?;
+    #[cfg(windows)]
+    if let Some(command) = args.command {
+        return service::command(command, args.config);
+    }
+    let path = args.config.unwrap_or_else(default_config);
+    let cfg = ClientConfig::load(&path)?;
     if args.check_config {
         sallyport_client::check(&cfg)?;
-        println!("{}: configuration ok", args.config.display());
+        println!("{}: configuration ok", path.display());
         return Ok(());
     }
-    init_logging(&cfg.logging.level);
+    let _log = logging::init(&cfg.logging.level, logging::Console::Yes);
+    run_until(cfg, wait_for_signal())
+}
+
+/// Runs the client until `stop` completes or a permanent error.
+fn run_until(
+    cfg: ClientConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,7 +69,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            stop.await;
             signals.cancel();
         });
         sallyport_client::run(cfg, shutdown).await
@@ -59,18 +81,19 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+/// Where the configuration is when `--config` is not given.
+fn default_config() -> PathBuf {
+    #[cfg(windows)]
+    {
+        service::data_dir().join("client.toml")
+    }
+    #[cfg(not(windows))]
+    {
+        PathBuf::from("/etc/sallyport/client.toml")
+    }
 }
 
+#[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -83,6 +106,20 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(windows)]
+async fn wait_for_signal() {
+    use tokio::signal::windows::{ctrl_break, ctrl_c, ctrl_close};
+    let (Ok(mut c), Ok(mut b), Ok(mut close)) = (ctrl_c(), ctrl_break(), ctrl_close()) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = c.recv() => tracing::info!("Ctrl-C received"),
+        _ = b.recv() => tracing::info!("Ctrl-Break received"),
+        _ = close.recv() => tracing::info!("console closed"),
     }
 }
 
