@@ -298,6 +298,9 @@ fn default_level() -> String {
     "info".into()
 }
 
+/// The token in the sample configuration, refused as a real one.
+pub const PLACEHOLDER_TOKEN: &str = "change-me";
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -378,6 +381,18 @@ impl ClientConfig {
         }
         if raw.auth.token.expose().is_empty() {
             return Err(invalid("auth.token", "must not be empty".into()));
+        }
+        // The packaged default config ships this placeholder; refusing it makes
+        // a freshly installed service stop with this message instead of
+        // dialing the sample server forever.
+        if raw.auth.token.expose() == PLACEHOLDER_TOKEN {
+            return Err(invalid(
+                "auth.token",
+                format!(
+                    "still the sample placeholder \"{PLACEHOLDER_TOKEN}\": set the token \
+                     (and server.url) your server's admin gave you"
+                ),
+            ));
         }
         if !(576..=65_535).contains(&raw.vpn.mtu) {
             return Err(invalid(
@@ -533,6 +548,14 @@ token = "secret-token-1"
             .expect_err("invalid")
             .to_string();
         assert!(e.contains("antispoof") && e.contains("client.toml"), "{e}");
+    }
+
+    #[test]
+    fn sample_placeholder_token_is_refused() {
+        let e = parse(&MINIMAL.replace("secret-token-1", PLACEHOLDER_TOKEN))
+            .expect_err("invalid")
+            .to_string();
+        assert!(e.contains("auth.token") && e.contains("placeholder"), "{e}");
     }
 
     #[test]

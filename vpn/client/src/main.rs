@@ -21,9 +21,10 @@ struct Args {
     /// on Windows %ProgramData%\Sallyport\client.toml].
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Validate the configuration and exit.
-    #[arg(long)]
-    check_config: bool,
+    /// Validate the configuration and exit; FILE, if given, instead of
+    /// --config.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    check_config: Option<Option<PathBuf>>,
     #[cfg(windows)]
     #[command(subcommand)]
     command: Option<service::Command>,
@@ -46,12 +47,13 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         return service::command(command, args.config);
     }
     let path = args.config.unwrap_or_else(default_config);
-    let cfg = ClientConfig::load(&path)?;
-    if args.check_config {
-        sallyport_client::check(&cfg)?;
+    if let Some(file) = args.check_config {
+        let path = file.unwrap_or(path);
+        sallyport_client::check(&ClientConfig::load(&path)?)?;
         println!("{}: configuration ok", path.display());
         return Ok(());
     }
+    let cfg = ClientConfig::load(&path)?;
     let _log = logging::init(&cfg.logging.level, logging::Console::Yes);
     run_until(cfg, wait_for_signal())
 }

@@ -54,9 +54,12 @@ pub enum Action {
 }
 
 /// `%ProgramData%\Sallyport`: the configuration and the logs.
+///
+/// Asked of the Known Folders API rather than the environment: a service's
+/// environment need not have `ProgramData` (wine gives services another).
 pub fn data_dir() -> PathBuf {
-    std::env::var_os("ProgramData")
-        .map(PathBuf::from)
+    known_folders::get_known_folder_path(known_folders::KnownFolder::ProgramData)
+        .or_else(|| std::env::var_os("ProgramData").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(r"C:\ProgramData"))
         .join("Sallyport")
 }

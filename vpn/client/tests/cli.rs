@@ -70,3 +70,38 @@ fn check_config_refuses_unknown_keys() {
     assert!(!out.status.success());
     assert!(err.contains("verify_tsl"), "{err}");
 }
+
+#[test]
+fn check_config_takes_the_file_as_its_value() {
+    let p = temp(
+        "value-client.toml",
+        "[server]\nurl = \"wss://vpn.example.com/tunnel\"\n[auth]\ntoken = \"t\"\n",
+    );
+    let out = client()
+        .arg("--check-config")
+        .arg(&p)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("value-client.toml: configuration ok"));
+}
+
+#[test]
+fn check_config_refuses_the_sample_placeholder_token() {
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../../packaging/client.toml");
+    let out = client()
+        .arg("--check-config")
+        .arg(sample)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("auth.token") && err.contains("placeholder"),
+        "{err}"
+    );
+}

@@ -15,9 +15,10 @@ struct Args {
     /// Path to the TOML configuration.
     #[arg(long, default_value = "/etc/sallyport/server.toml")]
     config: PathBuf,
-    /// Validate the configuration (and certificate) and exit.
-    #[arg(long)]
-    check_config: bool,
+    /// Validate the configuration (and certificate) and exit; FILE, if
+    /// given, instead of --config.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    check_config: Option<Option<PathBuf>>,
 }
 
 fn main() -> ExitCode {
@@ -32,12 +33,13 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
-    let cfg = ServerConfig::load(&args.config)?;
-    if args.check_config {
-        sallyport_server::check(&cfg)?;
-        println!("{}: configuration ok", args.config.display());
+    if let Some(file) = args.check_config {
+        let path = file.unwrap_or(args.config);
+        sallyport_server::check(&ServerConfig::load(&path)?)?;
+        println!("{}: configuration ok", path.display());
         return Ok(());
     }
+    let cfg = ServerConfig::load(&args.config)?;
     init_logging(&cfg.logging.level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -71,3 +71,22 @@ fn version_prints_the_crate_version() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn check_config_takes_the_file_as_its_value() {
+    let p = temp(
+        "value-server.toml",
+        "[server]\ntls_cert = \"/x.crt\"\ntls_key = \"/x.key\"\n[vpn]\nserver_ip = \"10.1.1.1\"\n[auth]\ntokens = [\"t\"]\n",
+    );
+    let out = server()
+        .arg("--check-config")
+        .arg(&p)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("value-server.toml") && err.contains("vpn.server_ip"),
+        "{err}"
+    );
+}
