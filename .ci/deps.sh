@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests, the demo and the benchmarks need. Idempotent:
-# installs only what is missing.
+# Installs what the tests, the demo, the benchmarks and the packaging need.
+# Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
@@ -14,6 +14,15 @@ have openssl || need+=(openssl)
 have nginx     || need+=(nginx)
 have tinyproxy || need+=(tinyproxy)
 have curl      || need+=(curl)
+# Packaging (packaging/test.sh): the Windows cross build, the MSI, wine, the debs.
+have x86_64-w64-mingw32-gcc || need+=(gcc-mingw-w64-x86-64)
+have wixl       || need+=(wixl)
+have msiinfo    || need+=(msitools)
+have wine       || need+=(wine wine64)
+have lintian    || need+=(lintian)
+have debootstrap || need+=(debootstrap)
+have systemd-analyze || need+=(systemd)
+have python3    || need+=(python3)
 
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -28,4 +37,11 @@ if ! rustup component list --installed 2>/dev/null | grep -q '^clippy'; then
 fi
 if ! rustup component list --installed 2>/dev/null | grep -q '^rustfmt'; then
     rustup component add rustfmt
+fi
+if ! rustup target list --installed 2>/dev/null | grep -qx 'x86_64-pc-windows-gnu'; then
+    rustup target add x86_64-pc-windows-gnu
+fi
+# Pinned: packaging/build-deb.sh relies on its --profile handling.
+if ! cargo deb --version 2>/dev/null | grep -qx 'cargo-deb 3\.8\.0'; then
+    cargo install cargo-deb --version 3.8.0 --locked
 fi

@@ -17,8 +17,14 @@ mod service;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Path to the TOML configuration [default: /etc/sallyport/client.toml;
-    /// on Windows %ProgramData%\Sallyport\client.toml].
+    #[cfg_attr(
+        not(windows),
+        doc = "Path to the TOML configuration [default: /etc/sallyport/client.toml]"
+    )]
+    #[cfg_attr(
+        windows,
+        doc = "Path to the TOML configuration [default: %ProgramData%\\Sallyport\\client.toml]"
+    )]
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Validate the configuration and exit; FILE, if given, instead of
