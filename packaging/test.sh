@@ -87,7 +87,9 @@ client_deb=target/debian/sallyport-client_${version}-1_amd64.deb
 # ---------------------------------------------------------------- deb
 section deb
 build_debs() {
-    cargo build --locked -q -p sallyport-server -p sallyport-client || return 1
+    # The binaries `cargo test --workspace` built (a no-op after it; a plain
+    # `cargo build -p` would resolve features differently and rebuild).
+    cargo test --workspace --locked --no-run -q 2>/dev/null || return 1
     rm -f target/debian/*.deb
     bash packaging/build-deb.sh --profile dev --no-build 2>&1 | grep -v '^warning\|^  ' || true
     [ -f "$server_deb" ] && [ -f "$client_deb" ] || fail "no debs in target/debian"
