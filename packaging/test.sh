@@ -46,17 +46,19 @@ passed=0
 failed=0
 failures=()
 # t NAME FUNCTION: runs one test; a test is a function that fails with a message.
+# Runs in this shell (not a subshell), so that what a test sets (the server's
+# PID, versions) is there for the tests after it and for cleanup.
 t() {
-    local name=$1 started=$SECONDS out
+    local name=$1 started=$SECONDS
     shift
-    if out=$("$@" 2>&1); then
+    if "$@" >"$work/test.out" 2>&1; then
         passed=$((passed + 1))
         echo "ok   $name ($((SECONDS - started))s)"
     else
         failed=$((failed + 1))
         failures+=("$name")
         echo "FAIL $name ($((SECONDS - started))s)"
-        printf '%s\n' "$out" | tail -n 30 | sed 's/^/     /'
+        tail -n 30 "$work/test.out" | sed 's/^/     /'
     fi
 }
 fail() { echo "$*"; return 1; }
@@ -366,7 +368,9 @@ EOF
 t wine_test_server_with_deb_certificates start_server
 
 wine_handshake_foreground() {
-    w "$null_exe" --config "$(winpath "$win/client.toml")" >"$work/client.log" 2>&1 &
+    # Not through w(): $! must be the client itself (ip, env and wine exec).
+    ip netns exec "$ns" env WINEPREFIX="$wineprefix" wine "$null_exe" \
+        --config "$(winpath "$win/client.toml")" >"$work/client.log" 2>&1 &
     client_pid=$!
     wait_for 30 grep -q 'connected address=10\.100\.0\.' "$work/client.log" \
         || fail "no handshake: $(cat "$work/client.log")"
@@ -454,6 +458,7 @@ wine_msi_upgrade() {
 t wine_msi_upgrade_in_place_keeps_config wine_msi_upgrade
 
 wine_msi_downgrade_refused() {
+    [ -n "$next_version" ] || fail "no newer MSI was built"
     local out
     out=$(w msiexec /i "$(winpath "$repo/$msi")" /qn 2>&1) && fail "downgrade accepted"
     has_all "$(uninstall_entries)" "DisplayVersion +REG_SZ +$next_version"
@@ -461,6 +466,7 @@ wine_msi_downgrade_refused() {
 t wine_msi_downgrade_refused wine_msi_downgrade_refused
 
 wine_msi_uninstall() {
+    [ -n "$next_version" ] || fail "no newer MSI was built"
     local out
     out=$(w msiexec /x "$(winpath "$repo/target/msi/sallyport-client-$next_version-x64.msi")" /qn 2>&1) \
         || fail "msiexec /x: $out"
