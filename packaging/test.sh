@@ -499,6 +499,7 @@ deb_purge() {
 t deb_purge_removes_what_install_created deb_purge
 
 echo
+echo "packaging tests took ${SECONDS}s"
 if [ "$failed" -gt 0 ]; then
     echo "failed: ${failures[*]}"
 fi
