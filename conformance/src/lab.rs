@@ -25,6 +25,14 @@ pub const SERVER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const SERVER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 /// The proxy namespace's address on the server's underlay.
 pub const PROXY_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 5);
+/// The router namespace's address on the server's underlay
+/// ([`Lab::add_client_behind_router`]).
+pub const ROUTER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 6);
+/// Routing table in the router namespace that sends packets into the
+/// impairment device.
+const IMPAIR_TABLE: &str = "100";
+/// The impairment device in the router namespace.
+const IMPAIR_DEV: &str = "imp0";
 /// `[server]` lines for a server behind the lab's nginx ([`Lab::start_nginx`]).
 pub const BEHIND_NGINX: &str = "listen_addr = \"198.18.0.1:8443\"\nplain_listen_addr = \"127.0.0.1:8080\"\ntrusted_proxies = [\"127.0.0.1/32\"]";
 /// Tokens the lab's default server accepts.
@@ -54,6 +62,12 @@ pub struct Lab {
     client_addrs: Vec<Ipv4Addr>,
     /// The proxy namespace, once created.
     proxy_ns: Option<String>,
+    /// The router namespace, once created.
+    router_ns: Option<String>,
+    /// The router's links to its clients.
+    router_legs: Vec<String>,
+    /// Each client's link as seen from the other end: (namespace, interface).
+    client_links: Vec<(String, String)>,
     procs: Vec<Proc>,
     bin_dir: PathBuf,
     /// Certificates for the server (valid for 198.18.0.1 and "sallyport-lab").
@@ -80,6 +94,9 @@ impl Lab {
                 .map(|i| Ipv4Addr::new(198, 18, 0, 10 + i as u8))
                 .collect(),
             proxy_ns: None,
+            router_ns: None,
+            router_legs: Vec::new(),
+            client_links: Vec::new(),
             procs: Vec::new(),
             bin_dir: bin_dir()?,
             certs,
@@ -114,6 +131,7 @@ impl Lab {
             run(&[
                 "ip", "-n", &srv, "link", "set", &veth, "master", "br0", "up",
             ])?;
+            self.client_links.push((srv.clone(), veth));
             let addr = format!("{}/24", self.client_underlay(i));
             run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
@@ -223,7 +241,166 @@ impl Lab {
         run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
         self.clients += 1;
         self.client_addrs.push(client_addr);
+        self.client_links.push((proxy, veth));
         Ok((i, proxy_addr))
+    }
+
+    /// The router namespace: on the server's underlay at [`ROUTER_UNDERLAY`],
+    /// forwarding IP packets for the clients added with
+    /// [`Lab::add_client_behind_router`] (198.19.128.0/17; the server routes
+    /// it there). Plain kernel forwarding until [`Lab::start_impairment`].
+    pub fn router_ns(&mut self) -> anyhow::Result<String> {
+        if let Some(ns) = &self.router_ns {
+            return Ok(ns.clone());
+        }
+        let ns = format!("{}-r", self.prefix);
+        let srv = self.server_ns();
+        self.add_ns(&ns)?;
+        run(&[
+            "ip", "link", "add", "vr", "netns", &srv, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        run(&["ip", "-n", &srv, "link", "set", "vr", "master", "br0", "up"])?;
+        let addr = format!("{ROUTER_UNDERLAY}/24");
+        run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        // Forward, without reverse-path checks (packets come back in from the
+        // impairment device) and without redirects.
+        for setting in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.default.send_redirects=0",
+        ] {
+            run(&["ip", "netns", "exec", &ns, "sysctl", "-qw", setting])?;
+        }
+        run(&[
+            "ip",
+            "-n",
+            &srv,
+            "route",
+            "add",
+            "198.19.128.0/17",
+            "via",
+            &ROUTER_UNDERLAY.to_string(),
+        ])?;
+        self.router_ns = Some(ns.clone());
+        Ok(ns)
+    }
+
+    /// Adds a client namespace whose only link goes to the router namespace
+    /// (198.19.(128+k).2/24, default route via the router at .1): every
+    /// packet between it and the server crosses the router. Returns the
+    /// client's index. Add these clients before [`Lab::start_impairment`].
+    pub fn add_client_behind_router(&mut self) -> anyhow::Result<usize> {
+        let router = self.router_ns()?;
+        anyhow::ensure!(self.router_legs.len() < 127, "at most 127 routed clients");
+        let i = self.clients;
+        let k = 128 + self.router_legs.len() as u8;
+        let ns = self.client_ns(i);
+        self.add_ns(&ns)?;
+        let veth = format!("vr{i}");
+        run(&[
+            "ip", "link", "add", &veth, "netns", &router, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        let router_addr = Ipv4Addr::new(198, 19, k, 1);
+        let client_addr = Ipv4Addr::new(198, 19, k, 2);
+        let r = format!("{router_addr}/24");
+        run(&["ip", "-n", &router, "addr", "add", &r, "dev", &veth])?;
+        run(&["ip", "-n", &router, "link", "set", &veth, "up"])?;
+        let c = format!("{client_addr}/24");
+        run(&["ip", "-n", &ns, "addr", "add", &c, "dev", "eth0"])?;
+        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        let via = router_addr.to_string();
+        run(&["ip", "-n", &ns, "route", "add", "default", "via", &via])?;
+        self.clients += 1;
+        self.client_addrs.push(client_addr);
+        self.router_legs.push(veth.clone());
+        self.client_links.push((router, veth));
+        Ok(i)
+    }
+
+    /// Starts `sallyport-impair` in the router namespace and routes every
+    /// packet the router forwards (both directions, on every link) through
+    /// it: each packet is held `delay`, and `loss_percent` % of them are
+    /// dropped. Killing the process ends the impairment (the device and its
+    /// route go; the rules then fall through to plain forwarding).
+    pub fn start_impairment(
+        &mut self,
+        delay: Duration,
+        loss_percent: f64,
+    ) -> anyhow::Result<ProcId> {
+        let router = self.router_ns()?;
+        let bin = self.bin("sallyport-impair");
+        let (d, l) = (delay.as_millis().to_string(), loss_percent.to_string());
+        let id = self.spawn_in(
+            &router,
+            "impair",
+            &[
+                bin.as_os_str(),
+                "--dev".as_ref(),
+                IMPAIR_DEV.as_ref(),
+                "--delay-ms".as_ref(),
+                d.as_ref(),
+                "--loss-percent".as_ref(),
+                l.as_ref(),
+            ],
+        )?;
+        let up = wait_for(Duration::from_secs(5), || {
+            let o = self
+                .exec(&router, &["ip", "link", "show", "dev", IMPAIR_DEV, "up"])
+                .ok()?;
+            (!o.stdout.is_empty()).then_some(())
+        });
+        if up.is_none() {
+            bail!(
+                "sallyport-impair did not create {IMPAIR_DEV}: {}",
+                self.log(id)
+            );
+        }
+        run(&[
+            "ip",
+            "-n",
+            &router,
+            "route",
+            "replace",
+            "default",
+            "dev",
+            IMPAIR_DEV,
+            "table",
+            IMPAIR_TABLE,
+        ])?;
+        // Packets coming back out of the device use the main table.
+        let legs: Vec<String> = std::iter::once("eth0".to_string())
+            .chain(self.router_legs.iter().cloned())
+            .collect();
+        for leg in legs {
+            run(&[
+                "ip",
+                "-n",
+                &router,
+                "rule",
+                "add",
+                "iif",
+                &leg,
+                "lookup",
+                IMPAIR_TABLE,
+                "pref",
+                "100",
+            ])?;
+        }
+        Ok(id)
+    }
+
+    /// Takes client `i`'s link down (`up` false) or back up, at its far end
+    /// (the server's bridge port, the proxy's or the router's side): the
+    /// client's interface loses its carrier, as when a cable is pulled.
+    pub fn set_client_link(&self, i: usize, up: bool) -> anyhow::Result<()> {
+        let (ns, dev) = &self.client_links[i];
+        let state = if up { "up" } else { "down" };
+        run(&["ip", "-n", ns, "link", "set", dev, state])
     }
 
     /// Number of client namespaces.
@@ -443,24 +620,8 @@ impl Lab {
         secs: u32,
         streams: u32,
     ) -> anyhow::Result<f64> {
-        let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 1000) as u16;
-        let p = port.to_string();
-        let addr = to_addr.to_string();
-        let srv = self.spawn_in(
-            to_ns,
-            "iperf3-server",
-            &["iperf3", "-s", "-1", "-B", &addr, "-p", &p],
-        )?;
-        let ready = wait_for(Duration::from_secs(5), || {
-            let o = self
-                .exec(to_ns, &["ss", "-Hltn", &format!("sport = :{port}")])
-                .ok()?;
-            (!o.stdout.is_empty()).then_some(())
-        });
-        if ready.is_none() {
-            self.kill(srv);
-            bail!("iperf3 server did not start in {to_ns}");
-        }
+        let (srv, port) = self.start_iperf3_server(to_ns, to_addr)?;
+        let (p, addr) = (port.to_string(), to_addr.to_string());
         let (t, n) = (secs.to_string(), streams.to_string());
         let out = self.exec(
             from_ns,
@@ -480,15 +641,47 @@ impl Lab {
             ],
         )?;
         self.kill(srv);
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
-        if let Some(e) = json.get("error") {
-            bail!("iperf3: {e}");
-        }
-        json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .context("iperf3 reported no throughput")
+        iperf3_rate(&out.stdout, &out.stderr)
     }
+
+    /// Starts an iperf3 server bound to `to_addr` in `to_ns` for one test on
+    /// a fresh port; returns it and the port once it listens.
+    fn start_iperf3_server(
+        &mut self,
+        to_ns: &str,
+        to_addr: Ipv4Addr,
+    ) -> anyhow::Result<(ProcId, u16)> {
+        let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 1000) as u16;
+        let (p, addr) = (port.to_string(), to_addr.to_string());
+        let srv = self.spawn_in(
+            to_ns,
+            "iperf3-server",
+            &["iperf3", "-s", "-1", "-B", &addr, "-p", &p],
+        )?;
+        let ready = wait_for(Duration::from_secs(5), || {
+            let o = self
+                .exec(to_ns, &["ss", "-Hltn", &format!("sport = :{port}")])
+                .ok()?;
+            (!o.stdout.is_empty()).then_some(())
+        });
+        if ready.is_none() {
+            self.kill(srv);
+            bail!("iperf3 server did not start in {to_ns}");
+        }
+        Ok((srv, port))
+    }
+}
+
+/// The receiver's throughput in bit/s from `iperf3 -J` output.
+fn iperf3_rate(stdout: &[u8], stderr: &[u8]) -> anyhow::Result<f64> {
+    let json: serde_json::Value = serde_json::from_slice(stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(stderr)))?;
+    if let Some(e) = json.get("error") {
+        bail!("iperf3: {e}");
+    }
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 reported no throughput")
 }
 
 /// One iperf3 client for [`Lab::iperf3_many`].
@@ -506,6 +699,13 @@ pub struct Iperf3Run {
     pub extra: Vec<String>,
 }
 
+/// A background iperf3 test ([`Lab::start_iperf3`]).
+#[derive(Debug)]
+pub struct Iperf3Handle {
+    client: ProcId,
+    server: ProcId,
+}
+
 impl Lab {
     /// Runs several iperf3 clients at the same time, each against its own
     /// server, for `secs` seconds; returns each receiver's throughput in
@@ -514,27 +714,18 @@ impl Lab {
         let mut servers = Vec::new();
         let mut ports = Vec::new();
         for r in runs {
-            let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 1000) as u16;
-            let (p, addr) = (port.to_string(), r.to_addr.to_string());
-            let srv = self.spawn_in(
-                &r.to_ns,
-                "iperf3-server",
-                &["iperf3", "-s", "-1", "-B", &addr, "-p", &p],
-            )?;
-            servers.push(srv);
-            let ready = wait_for(Duration::from_secs(5), || {
-                let o = self
-                    .exec(&r.to_ns, &["ss", "-Hltn", &format!("sport = :{port}")])
-                    .ok()?;
-                (!o.stdout.is_empty()).then_some(())
-            });
-            if ready.is_none() {
-                for s in servers {
-                    self.kill(s);
+            match self.start_iperf3_server(&r.to_ns, r.to_addr) {
+                Ok((srv, port)) => {
+                    servers.push(srv);
+                    ports.push(port);
                 }
-                bail!("iperf3 server did not start in {}", r.to_ns);
+                Err(e) => {
+                    for s in servers {
+                        self.kill(s);
+                    }
+                    return Err(e);
+                }
             }
-            ports.push(port);
         }
         let mut clients = Vec::new();
         for (r, port) in runs.iter().zip(&ports) {
@@ -564,20 +755,72 @@ impl Lab {
         let mut result = Vec::new();
         for out in outputs {
             let out = out.context("wait for iperf3")?;
-            let json: serde_json::Value =
-                serde_json::from_slice(&out.stdout).with_context(|| {
-                    format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr))
-                })?;
-            if let Some(e) = json.get("error") {
-                bail!("iperf3: {e}");
-            }
-            result.push(
-                json["end"]["sum_received"]["bits_per_second"]
-                    .as_f64()
-                    .context("iperf3 reported no throughput")?,
-            );
+            result.push(iperf3_rate(&out.stdout, &out.stderr)?);
         }
         Ok(result)
+    }
+
+    /// Starts one iperf3 test in the background for up to `secs` seconds
+    /// (client and server are lab processes), reporting every second; see
+    /// [`Lab::iperf3_intervals`] and [`Lab::stop_iperf3`].
+    pub fn start_iperf3(&mut self, run: &Iperf3Run, secs: u32) -> anyhow::Result<Iperf3Handle> {
+        let (server, port) = self.start_iperf3_server(&run.to_ns, run.to_addr)?;
+        let mut argv: Vec<String> = [
+            "timeout",
+            &(secs + 15).to_string(),
+            "iperf3",
+            "-c",
+            &run.to_addr.to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &run.streams.to_string(),
+            "-i",
+            "1",
+            "--forceflush",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(run.extra.iter().cloned());
+        let client = self.spawn_in(&run.from_ns, "iperf3-client", &argv)?;
+        Ok(Iperf3Handle { client, server })
+    }
+
+    /// The sending rate (bit/s) of each one-second interval a background
+    /// iperf3 test has reported so far.
+    pub fn iperf3_intervals(&self, h: &Iperf3Handle) -> Vec<f64> {
+        self.log(h.client)
+            .lines()
+            .filter(|l| l.contains(" sec ") && !l.contains("sender") && !l.contains("receiver"))
+            .filter(|l| !l.starts_with("[SUM]"))
+            .filter_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
+                let value: f64 = words.get(unit.checked_sub(1)?)?.parse().ok()?;
+                let scale = match words[unit].chars().next()? {
+                    'K' => 1e3,
+                    'M' => 1e6,
+                    'G' => 1e9,
+                    _ => 1.0,
+                };
+                Some(value * scale)
+            })
+            .collect()
+    }
+
+    /// Whether a background iperf3 test is still running (it ends early
+    /// when its connection breaks).
+    pub fn iperf3_running(&mut self, h: &Iperf3Handle) -> bool {
+        self.wait_exit(h.client, Duration::ZERO).is_none()
+    }
+
+    /// Stops a background iperf3 test; its log keeps what it reported.
+    pub fn stop_iperf3(&mut self, h: Iperf3Handle) {
+        self.kill(h.client);
+        self.kill(h.server);
     }
 
     /// `GET http://{addr}{path}` from inside namespace `ns` (with curl);

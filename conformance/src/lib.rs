@@ -5,12 +5,14 @@
 //! network-namespace lab (a server namespace and client namespaces on a veth
 //! underlay in 198.18.0.0/15) and runs the real binaries in it; the end-to-end
 //! tests, the demo and the benchmarks use it. [`certs`] makes throwaway
-//! certificates.
+//! certificates. [`impair`] delays and drops packets in a lab's router
+//! namespace (the `sallyport-impair` binary), where `tc netem` is missing.
 //!
 //! This crate talks to the product only over the network and the command line
 //! (the suite speaks the protocol with the core's messages and the transports'
 //! dialers): it must not depend on the server's or client's internals.
 
 pub mod certs;
+pub mod impair;
 pub mod lab;
 pub mod suite;
