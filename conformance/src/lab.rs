@@ -124,17 +124,8 @@ impl Lab {
             let ns = self.client_ns(i);
             self.add_ns(&ns)?;
             let veth = format!("vc{i}");
-            run(&[
-                "ip", "link", "add", &veth, "netns", &srv, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ])?;
-            run(&[
-                "ip", "-n", &srv, "link", "set", &veth, "master", "br0", "up",
-            ])?;
+            add_veth(&srv, &veth, None, &ns, self.client_underlay(i))?;
             self.client_links.push((srv.clone(), veth));
-            let addr = format!("{}/24", self.client_underlay(i));
-            run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
         }
         Ok(())
     }
@@ -171,22 +162,7 @@ impl Lab {
         let ns = format!("{}-x", self.prefix);
         let srv = self.server_ns();
         self.add_ns(&ns)?;
-        run(&[
-            "ip", "link", "add", "vx", "netns", &srv, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
-        ])?;
-        run(&["ip", "-n", &srv, "link", "set", "vx", "master", "br0", "up"])?;
-        run(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{PROXY_UNDERLAY}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        add_veth(&srv, "vx", None, &ns, PROXY_UNDERLAY)?;
         run(&[
             "ip",
             "netns",
@@ -211,34 +187,9 @@ impl Lab {
         let ns = self.client_ns(i);
         self.add_ns(&ns)?;
         let veth = format!("vp{i}");
-        run(&[
-            "ip", "link", "add", &veth, "netns", &proxy, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
-        ])?;
         let proxy_addr = Ipv4Addr::new(198, 19, k, 1);
         let client_addr = Ipv4Addr::new(198, 19, k, 2);
-        run(&[
-            "ip",
-            "-n",
-            &proxy,
-            "addr",
-            "add",
-            &format!("{proxy_addr}/24"),
-            "dev",
-            &veth,
-        ])?;
-        run(&["ip", "-n", &proxy, "link", "set", &veth, "up"])?;
-        run(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{client_addr}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        add_veth(&proxy, &veth, Some(proxy_addr), &ns, client_addr)?;
         self.clients += 1;
         self.client_addrs.push(client_addr);
         self.client_links.push((proxy, veth));
@@ -256,14 +207,7 @@ impl Lab {
         let ns = format!("{}-r", self.prefix);
         let srv = self.server_ns();
         self.add_ns(&ns)?;
-        run(&[
-            "ip", "link", "add", "vr", "netns", &srv, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
-        ])?;
-        run(&["ip", "-n", &srv, "link", "set", "vr", "master", "br0", "up"])?;
-        let addr = format!("{ROUTER_UNDERLAY}/24");
-        run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        add_veth(&srv, "vr", None, &ns, ROUTER_UNDERLAY)?;
         // Forward, without reverse-path checks (packets come back in from the
         // impairment device) and without redirects.
         for setting in [
@@ -301,18 +245,9 @@ impl Lab {
         let ns = self.client_ns(i);
         self.add_ns(&ns)?;
         let veth = format!("vr{i}");
-        run(&[
-            "ip", "link", "add", &veth, "netns", &router, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
-        ])?;
         let router_addr = Ipv4Addr::new(198, 19, k, 1);
         let client_addr = Ipv4Addr::new(198, 19, k, 2);
-        let r = format!("{router_addr}/24");
-        run(&["ip", "-n", &router, "addr", "add", &r, "dev", &veth])?;
-        run(&["ip", "-n", &router, "link", "set", &veth, "up"])?;
-        let c = format!("{client_addr}/24");
-        run(&["ip", "-n", &ns, "addr", "add", &c, "dev", "eth0"])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        add_veth(&router, &veth, Some(router_addr), &ns, client_addr)?;
         let via = router_addr.to_string();
         run(&["ip", "-n", &ns, "route", "add", "default", "via", &via])?;
         self.clients += 1;
@@ -968,6 +903,41 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A veth pair, both ends up: `dev` in `outer`, with `outer_addr`/24 or, if
+/// `None`, as a port of the server's bridge `br0`; `eth0` in `inner` with
+/// `inner_addr`/24.
+fn add_veth(
+    outer: &str,
+    dev: &str,
+    outer_addr: Option<Ipv4Addr>,
+    inner: &str,
+    inner_addr: Ipv4Addr,
+) -> anyhow::Result<()> {
+    run(&[
+        "ip", "link", "add", dev, "netns", outer, "type", "veth", "peer", "name", "eth0", "netns",
+        inner,
+    ])?;
+    match outer_addr {
+        Some(a) => {
+            run(&[
+                "ip",
+                "-n",
+                outer,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                dev,
+            ])?;
+            run(&["ip", "-n", outer, "link", "set", dev, "up"])?;
+        }
+        None => run(&["ip", "-n", outer, "link", "set", dev, "master", "br0", "up"])?,
+    }
+    let addr = format!("{inner_addr}/24");
+    run(&["ip", "-n", inner, "addr", "add", &addr, "dev", "eth0"])?;
+    run(&["ip", "-n", inner, "link", "set", "eth0", "up"])
 }
 
 fn run(argv: &[&str]) -> anyhow::Result<()> {
