@@ -98,8 +98,8 @@ fn settings(url: String, ca: &std::path::Path) -> ClientSettings {
     ClientSettings {
         url,
         trust: ClientTrust {
-            insecure: false,
             ca_file: Some(ca.to_path_buf()),
+            ..Default::default()
         },
         proxy: Some("none".into()),
         sni: Some("localhost".into()),
@@ -280,8 +280,8 @@ async fn https_get(s: &Setup, path: &str) -> (u16, String) {
     use http_body_util::BodyExt;
     let cfg = sallyport_transports::tls::client_config(
         &ClientTrust {
-            insecure: false,
             ca_file: Some(s.ca.clone()),
+            ..Default::default()
         },
         &[],
     )
