@@ -559,6 +559,26 @@ mod tests {
     }
 
     #[test]
+    fn every_trust_mode_offers_the_post_quantum_group_first() {
+        for trust in [
+            ClientTrust::default(),
+            pinned(vec![[0; 32]]),
+            ClientTrust {
+                insecure: true,
+                ..Default::default()
+            },
+        ] {
+            let cfg = client_config(&trust, &[]).expect("client");
+            let groups = &cfg.crypto_provider().kx_groups;
+            assert_eq!(
+                groups.first().map(|g| g.name()),
+                Some(rustls::NamedGroup::X25519MLKEM768),
+                "{trust:?}"
+            );
+        }
+    }
+
+    #[test]
     fn pins_parse_from_base64_and_hex() {
         let pin: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
         let b64 = format_pin(&pin);
