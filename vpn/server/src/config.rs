@@ -920,9 +920,9 @@ level = "info"
             format!("[[auth.clients]]\nname = \"{name}\"\ntoken = \"{token}\"\n{ip}\n")
         };
         let cases = [
-            (format!("tokens = [\"sha256:abc\"]"), "auth.tokens"),
-            (format!("tokens = [\"a\", \"a\"]"), "auth.tokens"),
-            (format!("tokens = []"), "auth.tokens"),
+            ("tokens = [\"sha256:abc\"]".to_string(), "auth.tokens"),
+            ("tokens = [\"a\", \"a\"]".to_string(), "auth.tokens"),
+            ("tokens = []".to_string(), "auth.tokens"),
             (
                 format!("tokens = [\"a\"]\n{}", client("x", &hash_token("a"), "")),
                 "auth.clients.token",
