@@ -244,16 +244,12 @@ pub fn client_config(
 ) -> Result<rustls::ClientConfig, TlsConfigError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
-    let mut cfg = if trust.insecure {
+    let mut cfg = if trust.insecure || !trust.pins.is_empty() {
+        let pins = (!trust.insecure).then(|| trust.pins.clone());
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
-            .with_no_client_auth()
-    } else if !trust.pins.is_empty() {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedKey {
-                pins: trust.pins.clone(),
+            .with_custom_certificate_verifier(Arc::new(KeyVerifier {
+                pins,
                 provider: provider(),
             }))
             .with_no_client_auth()
@@ -275,10 +271,13 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// The server's key is trusted when its SHA-256 is one of the pins.
+/// Trust without CAs: in the server's key when its SHA-256 is one of `pins`,
+/// or in any certificate when `pins` is `None` (only reachable through
+/// `verify_tls = false`). Either way the handshake signature is verified, so
+/// the server proves it holds the key.
 #[derive(Debug)]
-struct PinnedKey {
-    pins: Vec<[u8; 32]>,
+struct KeyVerifier {
+    pins: Option<Vec<[u8; 32]>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -304,7 +303,7 @@ impl std::fmt::Display for PinMismatch {
 
 impl std::error::Error for PinMismatch {}
 
-impl ServerCertVerifier for PinnedKey {
+impl ServerCertVerifier for KeyVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -313,8 +312,11 @@ impl ServerCertVerifier for PinnedKey {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(pins) = &self.pins else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let got = spki_sha256(end_entity)?;
-        if self.pins.contains(&got) {
+        if pins.contains(&got) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(CertificateError::Other(
@@ -323,7 +325,6 @@ impl ServerCertVerifier for PinnedKey {
         }
     }
 
-    // The handshake signature proves the server holds the pinned key.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
@@ -356,55 +357,6 @@ impl ServerCertVerifier for PinnedKey {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-/// Accepts any certificate. Only reachable through `verify_tls = false`.
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
