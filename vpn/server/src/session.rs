@@ -128,6 +128,9 @@ async fn run_inner(
     let addr = grant.addr;
     tracing::Span::current().record("ip", tracing::field::display(addr));
     match (hello.previous, grant.reuse) {
+        (None, _) if grant.from_lease => {
+            tracing::info!(%addr, "authenticated, its leased address given back")
+        }
         (None, _) => tracing::info!(%addr, "authenticated, address assigned"),
         (Some(prev), Reuse::Granted) => {
             tracing::info!(%addr, previous = %prev, "reconnected with its previous address")
