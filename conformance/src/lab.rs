@@ -362,9 +362,15 @@ impl Lab {
         } else {
             format!("listen_addr = \"{SERVER_UNDERLAY}:443\"\n")
         };
+        // Leases are kept in the lab directory (never the host's /var/lib).
+        let leases = if sections.vpn.contains("lease_file") {
+            String::new()
+        } else {
+            format!("lease_file = \"{}\"\n", self.lease_file().display())
+        };
         let text = format!(
             "[server]\n{listen}tls_cert = \"{}\"\ntls_key = \"{}\"\n{}\n\
-             [vpn]\n{}\n[auth]\ntokens = [\"{}\", \"{}\"]\n{}\n",
+             [vpn]\n{leases}{}\n[auth]\ntokens = [\"{}\", \"{}\"]\n{}\n",
             self.certs.cert.display(),
             self.certs.key.display(),
             sections.server,
@@ -374,6 +380,11 @@ impl Lab {
             sections.rest,
         );
         self.write(name, &text)
+    }
+
+    /// The lease file of servers started with [`Lab::server_config`].
+    pub fn lease_file(&self) -> PathBuf {
+        self.dir.join("leases.json")
     }
 
     /// A client config on the defaults pointing at the lab's server.

@@ -98,8 +98,8 @@ fn settings(url: String, ca: &std::path::Path) -> ClientSettings {
     ClientSettings {
         url,
         trust: ClientTrust {
-            insecure: false,
             ca_file: Some(ca.to_path_buf()),
+            ..Default::default()
         },
         proxy: Some("none".into()),
         sni: Some("localhost".into()),
@@ -280,8 +280,8 @@ async fn https_get(s: &Setup, path: &str) -> (u16, String) {
     use http_body_util::BodyExt;
     let cfg = sallyport_transports::tls::client_config(
         &ClientTrust {
-            insecure: false,
             ca_file: Some(s.ca.clone()),
+            ..Default::default()
         },
         &[],
     )
@@ -326,4 +326,84 @@ async fn probes_get_the_static_page_when_one_is_configured_else_404() {
         assert_eq!(status, 404, "{path}");
         assert!(!body.to_lowercase().contains("sallyport") && !body.to_lowercase().contains("vpn"));
     }
+}
+
+/// A minimal HTTP CONNECT proxy on loopback: one tunnel per connection.
+async fn connect_proxy() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+                    if c.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let Some(target) = text.split_whitespace().nth(1) else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                if c.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_pinned_key_is_trusted_by_every_transport_direct_and_through_a_proxy() {
+    let mut s = setup(false).await;
+    let cert_file = s.ca.with_file_name("server.crt");
+    let cert = sallyport_transports::tls::load_certs(&cert_file).expect("cert");
+    let pin = sallyport_transports::tls::spki_sha256(&cert[0]).expect("pin");
+    let (proxy, proxy_task) = connect_proxy().await;
+    let port = s.listener.local_addr().port();
+    for via in [None, Some(format!("http://{proxy}"))] {
+        for kind in KINDS {
+            let mut st = settings(format!("wss://127.0.0.1:{port}/tunnel"), &s.ca);
+            // No CA and a name the certificate does not have: only the pin.
+            st.trust = ClientTrust {
+                pins: vec![[9u8; 32], pin],
+                ..Default::default()
+            };
+            st.sni = Some("not-the-cert-name.example".into());
+            st.proxy = via.clone().or(Some("none".into()));
+            let d = dialer(kind, &st).expect("dialer");
+            let (client, server) = tokio::join!(d.dial(), s.listener.accept());
+            let (mut client, mut server) = (
+                client.unwrap_or_else(|e| panic!("{kind} via {via:?}: {e}")),
+                server.expect("accepted"),
+            );
+            client.tx.send(packet(1, 100)).await.expect("send");
+            assert_eq!(
+                next(&mut server).await,
+                packet(1, 100),
+                "{kind} via {via:?}"
+            );
+
+            st.trust.pins = vec![[9u8; 32]];
+            let d = dialer(kind, &st).expect("dialer");
+            let e = match d.dial().await {
+                Ok(_) => panic!("{kind} via {via:?}: a wrong pin was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains("matches no server.pin_sha256"),
+                "{kind} via {via:?}: {e}"
+            );
+        }
+    }
+    proxy_task.abort();
 }

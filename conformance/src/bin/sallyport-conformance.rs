@@ -138,6 +138,7 @@ fn main() -> ExitCode {
     target.trust = ClientTrust {
         insecure: args.insecure,
         ca_file: args.ca.clone(),
+        ..Default::default()
     };
     target.timeouts = Timeouts {
         reply: args.reply_timeout,

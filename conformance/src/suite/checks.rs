@@ -141,6 +141,18 @@ pub static CHECKS: &[Check] = &[
         address_client_id_replaces
     ),
     check!(
+        "address.identity_lease",
+        ["A3", "A6"],
+        "a fresh auth with the client_id of a closed session gets its address back without asking",
+        address_identity_lease
+    ),
+    check!(
+        "address.identity_replaces",
+        ["A6"],
+        "a fresh auth with the client_id of a live session gets its address and the old session is closed",
+        address_identity_replaces
+    ),
+    check!(
         "address.reconnect_free",
         ["A4"],
         "reconnect asking for a free address (the top of the subnet) gets it",
@@ -329,7 +341,7 @@ pub static CHECKS: &[Check] = &[
 pub static NOT_CHECKED: &[(&str, &str)] = &[
     (
         "A5",
-        "needs a server restart, which a client cannot cause (the project's netns tests restart the real server)",
+        "needs a server restart, which a client cannot cause (the project's netns tests restart the real server: conformance/tests/netns_identity.rs)",
     ),
     (
         "P2",
@@ -739,6 +751,41 @@ async fn address_client_id_replaces(cx: Ctx) -> CheckResult {
         .map_err(|v| prefix(v, "the replaced session"))?;
     delivers(&cx, &b, &gb, &mut c, &gc, "to the replacing session").await?;
     delivers(&cx, &c, &gc, &mut b, &gb, "from the replacing session").await?;
+    Ok(())
+}
+
+async fn address_identity_lease(cx: Ctx) -> CheckResult {
+    let id = format!("sallyport-conformance-lease-{}", std::process::id());
+    let (a, ga) = Session::auth_with(&cx, auth(token(&cx), Some(&id)), Pings::Answer).await?;
+    a.close_and_wait(cx.t().reply).await;
+    tokio::time::sleep(cx.t().settle).await;
+    let (_b, gb) = Session::auth_with(&cx, auth(token(&cx), Some(&id)), Pings::Answer)
+        .await
+        .map_err(|v| prefix(v, "auth with the same client_id"))?;
+    ensure!(
+        gb.ip == ga.ip,
+        "the client_id whose session held {} got {} on its next auth",
+        ga.ip,
+        gb.ip
+    );
+    Ok(())
+}
+
+async fn address_identity_replaces(cx: Ctx) -> CheckResult {
+    let id = format!("sallyport-conformance-live-{}", std::process::id());
+    let (mut a, ga) = Session::auth_with(&cx, auth(token(&cx), Some(&id)), Pings::Answer).await?;
+    let (_b, gb) = Session::auth_with(&cx, auth(token(&cx), Some(&id)), Pings::Answer)
+        .await
+        .map_err(|v| prefix(v, "auth with the client_id of a live session"))?;
+    ensure!(
+        gb.ip == ga.ip,
+        "auth with the client_id of the live session holding {} got {}",
+        ga.ip,
+        gb.ip
+    );
+    a.expect_closed(cx.t().reply)
+        .await
+        .map_err(|v| prefix(v, "the replaced session"))?;
     Ok(())
 }
 

@@ -445,7 +445,20 @@ impl State {
     ) -> Option<Ipv4Addr> {
         let mut leases = self.leases.lock().expect("lock");
         let mut pick = None;
-        if let Some(prev) = previous.filter(|p| self.assignable(*p)) {
+        // [A6]: the lease of this token and client id, live or held.
+        if client_id.is_some() {
+            pick = leases
+                .iter()
+                .find_map(|(a, l)| (l.token == token && l.client_id == client_id).then_some(*a));
+            if let Some(Lease {
+                state: LeaseState::Active { cancel, .. },
+                ..
+            }) = pick.and_then(|a| leases.get(&a))
+            {
+                cancel.cancel();
+            }
+        }
+        if let Some(prev) = previous.filter(|p| self.assignable(*p) && pick.is_none()) {
             let ok = match leases.get(&prev) {
                 None => true,
                 Some(Lease {

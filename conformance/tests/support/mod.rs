@@ -18,9 +18,9 @@ use bytes::Bytes;
 use sallyport_conformance::certs::{self, CertFiles};
 use sallyport_conformance::suite::{self, Filter, Report, Target, Timeouts, Transport};
 use sallyport_core::ip::{checksum, Ipv4Header};
-use sallyport_core::message::Token;
 use sallyport_core::PacketBatch;
 use sallyport_middleware::Rate;
+use sallyport_server::config::Credential;
 use sallyport_server::hub::Hub;
 use sallyport_server::pool::IpPool;
 use sallyport_server::session::{self, SessionConfig};
@@ -178,7 +178,7 @@ impl RealServer {
         let pool = IpPool::new(subnet, server_ip, Duration::from_secs(300));
         let hub = Arc::new(Hub::new(pool, subnet, server_ip, to_tun));
         let cfg = Arc::new(SessionConfig {
-            tokens: vec![Token::new(TOKEN), Token::new(TOKEN2)].into(),
+            credentials: vec![Credential::plain(TOKEN), Credential::plain(TOKEN2)].into(),
             auth_timeout: AUTH_TIMEOUT,
             keepalive: KEEPALIVE,
             mtu: MTU,

@@ -24,6 +24,8 @@ pub struct ClientConfig {
     pub pipeline: PipelineSection,
     /// `[logging]`.
     pub logging: LoggingSection,
+    /// `server.pin_sha256`, decoded.
+    pub pins: Vec<[u8; 32]>,
 }
 
 /// `[server]`: where the server is and how to trust it.
@@ -38,6 +40,11 @@ pub struct ServerSection {
     /// Trust this CA in addition to the public roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the server's public key (SubjectPublicKeyInfo), base64 or
+    /// hex, one or a list (key rotation). When set, the server is trusted by
+    /// its key alone: no CA, host name or expiry check.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub pin_sha256: Vec<String>,
     /// Time allowed for TCP, TLS and the transport handshake.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -104,7 +111,8 @@ pub struct TransportSection {
     /// the environment; absent: `https_proxy`/`HTTPS_PROXY` and `NO_PROXY`.
     #[serde(default)]
     pub proxy: Option<String>,
-    /// Where `auto` remembers the last transport that worked.
+    /// The client's state file: the client id (made once, kept) and the last
+    /// transport that worked (tried first by `auto`).
     #[serde(default = "default_state_file")]
     pub state_file: Option<PathBuf>,
 }
@@ -253,6 +261,20 @@ struct RawConfig {
 fn yes() -> bool {
     true
 }
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -271,9 +293,9 @@ fn default_attempt_timeout() -> Duration {
 fn default_state_file() -> Option<PathBuf> {
     if cfg!(windows) {
         std::env::var_os("ProgramData")
-            .map(|p| PathBuf::from(p).join("Sallyport").join("transport-state"))
+            .map(|p| PathBuf::from(p).join("Sallyport").join("client-state"))
     } else {
-        Some(PathBuf::from("/var/lib/sallyport/client-transport"))
+        Some(PathBuf::from("/var/lib/sallyport-client/state"))
     }
 }
 fn default_interface() -> String {
@@ -379,6 +401,26 @@ impl ClientConfig {
             sallyport_transports::connect::Proxy::parse(p)
                 .map_err(|e| invalid("transport.proxy", e.to_string()))?;
         }
+        let pins = raw
+            .server
+            .pin_sha256
+            .iter()
+            .map(|p| sallyport_transports::tls::parse_pin(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("server.pin_sha256", e))?;
+        if !pins.is_empty() && !raw.server.verify_tls {
+            return Err(invalid(
+                "server.pin_sha256",
+                "pinning needs verify_tls = true (false would check nothing)".into(),
+            ));
+        }
+        if !pins.is_empty() && raw.server.ca_file.is_some() {
+            return Err(invalid(
+                "server.pin_sha256",
+                "give either server.ca_file or server.pin_sha256: a pin replaces the CA check"
+                    .into(),
+            ));
+        }
         if raw.auth.token.expose().is_empty() {
             return Err(invalid("auth.token", "must not be empty".into()));
         }
@@ -438,6 +480,7 @@ impl ClientConfig {
             reconnect: raw.reconnect,
             pipeline: raw.pipeline,
             logging: raw.logging,
+            pins,
         })
     }
 }
@@ -566,5 +609,29 @@ token = "secret-token-1"
         .expect_err("invalid")
         .to_string();
         assert!(e.contains("mode"), "{e}");
+    }
+
+    #[test]
+    fn pins_are_one_or_a_list_and_exclude_ca_file_and_verify_tls_false() {
+        let base = "[server]\nurl = \"wss://vpn.example.com/tunnel\"\n";
+        let tail = "[auth]\ntoken = \"t\"\n";
+        let hex = "ab".repeat(32);
+        let one = format!("{base}pin_sha256 = \"{hex}\"\n{tail}");
+        let c = ClientConfig::from_toml_str(&one, Path::new("client.toml")).expect("one");
+        assert_eq!(c.pins, vec![[0xab; 32]]);
+        let b64 = sallyport_transports::tls::format_pin(&[1; 32]);
+        let two = format!("{base}pin_sha256 = [\"{hex}\", \"{b64}\"]\n{tail}");
+        let c = ClientConfig::from_toml_str(&two, Path::new("client.toml")).expect("two");
+        assert_eq!(c.pins, vec![[0xab; 32], [1; 32]]);
+        for bad in [
+            format!("{base}pin_sha256 = \"abc\"\n{tail}"),
+            format!("{base}pin_sha256 = \"{hex}\"\nca_file = \"/x\"\n{tail}"),
+            format!("{base}pin_sha256 = \"{hex}\"\nverify_tls = false\n{tail}"),
+        ] {
+            let e = ClientConfig::from_toml_str(&bad, Path::new("client.toml"))
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains("server.pin_sha256"), "{e}");
+        }
     }
 }

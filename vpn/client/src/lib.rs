@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod config;
 pub mod pipeline;
+pub mod state;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::ClientConfig;
 use crate::pipeline::{PacketStack, SessionTarget};
+use crate::state::ClientState;
 
 /// Why the client stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,7 @@ pub fn settings(cfg: &ClientConfig) -> ClientSettings {
         trust: ClientTrust {
             insecure: !cfg.server.verify_tls,
             ca_file: cfg.server.ca_file.clone(),
+            pins: cfg.pins.clone(),
         },
         proxy: cfg.transport.proxy.clone(),
         sni: cfg.server.sni.clone(),
@@ -121,12 +124,21 @@ pub async fn run(cfg: ClientConfig, shutdown: CancellationToken) -> Result<(), C
             "verify_tls = false: the server's certificate is NOT checked (testing only)"
         );
     }
+    if !cfg.pins.is_empty() {
+        tracing::info!(
+            pins = cfg.pins.len(),
+            "trusting the server by its pinned public key (names and CAs not checked)"
+        );
+    }
     let dialers = dialers(&cfg).map_err(ClientError::Setup)?;
-    let client_id = format!("{:032x}", rand::random::<u128>());
+    let state_file = cfg.transport.state_file.as_deref();
+    let mut stored = state_file.map(ClientState::load).unwrap_or_default();
+    let client_id = stored.client_id(state_file);
     let mut state = State {
         device: None,
         previous: None,
-        preferred: read_preferred(&cfg),
+        preferred: read_preferred(&cfg, &stored),
+        stored,
         counters: Counters::new_shared(),
     };
     let mut backoff = Backoff::new(cfg.reconnect.min_backoff, cfg.reconnect.max_backoff);
@@ -171,36 +183,29 @@ struct State {
     previous: Option<Ipv4Addr>,
     /// The transport that worked last (tried first by `auto`).
     preferred: Option<TransportKind>,
+    /// What the state file holds.
+    stored: ClientState,
     /// Since the client started, over all sessions.
     counters: Arc<Counters>,
 }
 
-fn read_preferred(cfg: &ClientConfig) -> Option<TransportKind> {
+fn read_preferred(cfg: &ClientConfig, stored: &ClientState) -> Option<TransportKind> {
     if cfg.transport.mode != config::Mode::Auto {
         return None;
     }
-    let path = cfg.transport.state_file.as_ref()?;
-    let text = std::fs::read_to_string(path).ok()?;
-    let kind = TransportKind::parse(text.trim());
-    if let Some(k) = kind {
+    let kind = stored.transport_kind();
+    if let (Some(k), Some(path)) = (kind, &cfg.transport.state_file) {
         tracing::info!(transport = %k, file = %path.display(), "trying the last transport that worked first");
     }
     kind
 }
 
-fn write_preferred(cfg: &ClientConfig, kind: TransportKind) {
+fn write_preferred(cfg: &ClientConfig, stored: &mut ClientState, kind: TransportKind) {
     let Some(path) = cfg.transport.state_file.as_ref() else {
         return;
     };
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{kind}\n"))?;
-        std::fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
+    stored.transport = Some(kind.to_string());
+    if let Err(e) = stored.save(path) {
         tracing::warn!(file = %path.display(), error = %e, "cannot remember the transport that worked");
     }
 }
@@ -265,7 +270,7 @@ async fn connect_and_run(
     if auto {
         tracing::info!(transport = %kind, "transport selected: {kind}");
         if state.preferred != Some(kind) {
-            write_preferred(cfg, kind);
+            write_preferred(cfg, &mut state.stored, kind);
             state.preferred = Some(kind);
         }
     }

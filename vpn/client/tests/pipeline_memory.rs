@@ -16,6 +16,7 @@ use sallyport_core::message::{Auth, AuthResponse, Control, Token};
 use sallyport_core::{Frame, PacketBatch};
 use sallyport_middleware::compress::is_extension;
 use sallyport_middleware::{Counters, Direction, DropReason, Rate, StatsHandle};
+use sallyport_server::config::Credential;
 use sallyport_server::hub::Hub;
 use sallyport_server::pipeline::NewPipeline;
 use sallyport_server::pool::IpPool;
@@ -45,7 +46,7 @@ impl Server {
         Self {
             hub: Arc::new(Hub::new(pool, subnet, SERVER, to_tun)),
             cfg: Arc::new(SessionConfig {
-                tokens: vec![Token::new("free"), Token::new("slow")].into(),
+                credentials: vec![Credential::plain("free"), Credential::plain("slow")].into(),
                 auth_timeout: Duration::from_secs(2),
                 keepalive: Duration::from_secs(15),
                 mtu: MTU,

@@ -31,9 +31,67 @@ pub struct ServerConfig {
     pub admin: AdminSection,
     /// `[logging]`.
     pub logging: LoggingSection,
-    /// The rate limit of each token (by index into `auth.tokens`), resolved
-    /// from `limits.rate_limit_*` and `[[limits.per_token]]`; `None`: unlimited.
+    /// The rate limit of each credential (by index into `credentials`),
+    /// resolved from `limits.rate_limit_*` and `[[limits.per_token]]`;
+    /// `None`: unlimited.
     pub rate_limits: Vec<Option<Rate>>,
+    /// Every accepted token: `auth.tokens` in order, then `auth.clients`.
+    pub credentials: Vec<Credential>,
+}
+
+/// One accepted token, as the server keeps it: only its SHA-256.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    /// The client's name (`[[auth.clients]] name`): its identity.
+    pub name: Option<String>,
+    /// SHA-256 of the token.
+    pub digest: [u8; 32],
+    /// The address reserved for it.
+    pub ip: Option<Ipv4Addr>,
+}
+
+impl Credential {
+    /// An unnamed credential for a plain token.
+    pub fn plain(token: &str) -> Self {
+        Self {
+            name: None,
+            digest: sallyport_transports::tls::sha256(token.as_bytes()),
+            ip: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("name", &self.name)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `sha256:<hex>` form of a token, for `[auth]` (`sallyport-server
+/// --hash-token`).
+pub fn hash_token(token: &str) -> String {
+    let d = sallyport_transports::tls::sha256(token.as_bytes());
+    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// The digest a configured token stands for: `sha256:<64 hex>` as given,
+/// anything else hashed.
+fn token_digest(t: &Token) -> Result<[u8; 32], String> {
+    let Some(hex) = t.expose().strip_prefix("sha256:") else {
+        return Ok(sallyport_transports::tls::sha256(t.expose().as_bytes()));
+    };
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err("a \"sha256:\" token needs exactly 64 hex digits after the prefix".into());
+    }
+    let mut d = [0u8; 32];
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(d)
 }
 
 impl ServerConfig {
@@ -88,9 +146,17 @@ pub struct VpnSection {
     /// How often each side pings; a peer silent for 3 intervals is dropped.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub keepalive_interval: Duration,
-    /// How long a disconnected client's address stays reserved for it.
+    /// How long a disconnected anonymous client's address (no name, no
+    /// client id) stays reserved for it.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub lease_grace: Duration,
+    /// How long the lease of a client with an identity (a name, or a client
+    /// id) outlives its last session, across server restarts.
+    #[serde(default = "default_lease_time", with = "humantime_serde")]
+    pub lease_time: Duration,
+    /// Where leases are kept across restarts (`""`: nowhere).
+    #[serde(default = "default_lease_file")]
+    pub lease_file: PathBuf,
     /// How often the statistics line is logged (0s: never).
     #[serde(default = "default_stats_interval", with = "humantime_serde")]
     pub stats_interval: Duration,
@@ -100,8 +166,25 @@ pub struct VpnSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSection {
-    /// Accepted bearer tokens.
+    /// Accepted bearer tokens, plain or `sha256:<hex>`.
+    #[serde(default)]
     pub tokens: Vec<Token>,
+    /// Named clients, each with its own token and optionally a fixed address.
+    #[serde(default)]
+    pub clients: Vec<ClientEntry>,
+}
+
+/// `[[auth.clients]]`: one named client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    /// Unique name; the client's identity (its lease is bound to it).
+    pub name: String,
+    /// Its token, plain or `sha256:<hex>`.
+    pub token: Token,
+    /// An address reserved for this client alone.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
 }
 
 /// `[limits]`: explicit bounds on what a peer may make the server do.
@@ -297,6 +380,12 @@ fn default_keepalive() -> Duration {
 fn default_grace() -> Duration {
     Duration::from_secs(300)
 }
+fn default_lease_time() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_lease_file() -> PathBuf {
+    PathBuf::from("/var/lib/sallyport/leases.json")
+}
 fn default_stats_interval() -> Duration {
     Duration::from_secs(60)
 }
@@ -314,6 +403,84 @@ fn default_session_queue() -> usize {
 }
 fn default_level() -> String {
     "info".into()
+}
+
+/// Validates `[auth]` into credentials: `tokens`, then `clients`.
+fn credentials(
+    auth: &AuthSection,
+    vpn: &VpnSection,
+) -> Result<Vec<Credential>, (&'static str, String)> {
+    if auth.tokens.is_empty() && auth.clients.is_empty() {
+        return Err((
+            "auth.tokens",
+            "at least one token (auth.tokens or [[auth.clients]]) is needed".into(),
+        ));
+    }
+    let mut out: Vec<Credential> = Vec::new();
+    for (i, t) in auth.tokens.iter().enumerate() {
+        if t.expose().is_empty() {
+            return Err(("auth.tokens", "tokens must not be empty".into()));
+        }
+        let digest = token_digest(t).map_err(|r| ("auth.tokens", format!("token {i}: {r}")))?;
+        if out.iter().any(|c| c.digest == digest) {
+            return Err(("auth.tokens", format!("token {i} is given twice")));
+        }
+        out.push(Credential {
+            name: None,
+            digest,
+            ip: None,
+        });
+    }
+    let net = vpn.subnet.trunc();
+    for c in &auth.clients {
+        let name = &c.name;
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err((
+                "auth.clients.name",
+                format!("{name:?}: 1 to 64 printable characters, no spaces"),
+            ));
+        }
+        if out.iter().any(|o| o.name.as_ref() == Some(name)) {
+            return Err(("auth.clients.name", format!("{name:?} is given twice")));
+        }
+        if c.token.expose().is_empty() {
+            return Err(("auth.clients.token", format!("{name}: must not be empty")));
+        }
+        let digest =
+            token_digest(&c.token).map_err(|r| ("auth.clients.token", format!("{name}: {r}")))?;
+        if out.iter().any(|o| o.digest == digest) {
+            return Err((
+                "auth.clients.token",
+                format!("{name}: the same token is already given (tokens identify clients)"),
+            ));
+        }
+        if let Some(ip) = c.ip {
+            if !net.contains(&ip) || ip == net.network() || ip == net.broadcast() {
+                return Err((
+                    "auth.clients.ip",
+                    format!("{name}: {ip} is not an assignable address of vpn.subnet {net}"),
+                ));
+            }
+            if ip == vpn.server_ip {
+                return Err(("auth.clients.ip", format!("{name}: {ip} is vpn.server_ip")));
+            }
+            if let Some(other) = out.iter().find(|o| o.ip == Some(ip)) {
+                return Err((
+                    "auth.clients.ip",
+                    format!(
+                        "{name}: {ip} is already reserved for {}",
+                        other.name.as_deref().unwrap_or("another client")
+                    ),
+                ));
+            }
+        }
+        out.push(Credential {
+            name: Some(name.clone()),
+            digest,
+            ip: c.ip,
+        });
+    }
+    Ok(out)
 }
 
 /// Why a configuration was refused.
@@ -428,15 +595,7 @@ impl ServerConfig {
                 ));
             }
         }
-        if raw.auth.tokens.is_empty() {
-            return Err(invalid(
-                "auth.tokens",
-                "at least one token is needed".into(),
-            ));
-        }
-        if raw.auth.tokens.iter().any(|t| t.expose().is_empty()) {
-            return Err(invalid("auth.tokens", "tokens must not be empty".into()));
-        }
+        let credentials = credentials(&raw.auth, vpn).map_err(|(k, r)| invalid(k, r))?;
         let min_frame = usize::from(vpn.mtu);
         if raw.limits.max_frame_size < min_frame {
             return Err(invalid(
@@ -457,7 +616,7 @@ impl ServerConfig {
             vpn.mtu,
         )
         .map_err(|r| invalid("limits.rate_limit_burst_bytes", r))?;
-        let mut rate_limits = vec![default_rate; raw.auth.tokens.len()];
+        let mut rate_limits = vec![default_rate; credentials.len()];
         let mut seen = vec![false; raw.auth.tokens.len()];
         for o in &l.per_token {
             let n = raw.auth.tokens.len();
@@ -499,6 +658,7 @@ impl ServerConfig {
             admin: raw.admin,
             logging: raw.logging,
             rate_limits,
+            credentials,
         })
     }
 }
@@ -697,5 +857,96 @@ level = "info"
     fn tokens_are_redacted_in_debug() {
         let c = parse(MINIMAL).expect("valid");
         assert!(!format!("{c:?}").contains("secret-token-1"));
+    }
+
+    fn with_auth(auth: &str) -> String {
+        MINIMAL.replace("tokens = [\"secret-token-1\"]", auth)
+    }
+
+    #[test]
+    fn hashed_plain_and_named_tokens_resolve_to_digests_in_order() {
+        let hashed = hash_token("bob-secret");
+        assert_eq!(hashed.len(), "sha256:".len() + 64);
+        let c = parse(&with_auth(&format!(
+            "tokens = [\"plain\", \"{}\"]\n\
+             [[auth.clients]]\nname = \"alice\"\ntoken = \"{hashed}\"\nip = \"10.100.0.50\"\n\
+             [[auth.clients]]\nname = \"carol\"\ntoken = \"carol-plain\"",
+            hash_token("other")
+                .to_uppercase()
+                .replace("SHA256:", "sha256:")
+        )))
+        .expect("valid");
+        let d = |t: &str| sallyport_transports::tls::sha256(t.as_bytes());
+        let got: Vec<_> = c
+            .credentials
+            .iter()
+            .map(|c| (c.name.as_deref(), c.digest, c.ip))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (None, d("plain"), None),
+                (None, d("other"), None),
+                (
+                    Some("alice"),
+                    d("bob-secret"),
+                    Some(Ipv4Addr::new(10, 100, 0, 50))
+                ),
+                (Some("carol"), d("carol-plain"), None),
+            ]
+        );
+        assert_eq!(c.rate_limits.len(), 4);
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("carol-plain") && !dbg.contains("plain\""),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn named_clients_alone_are_enough() {
+        let c = parse(&with_auth("[[auth.clients]]\nname = \"a\"\ntoken = \"t\"")).expect("valid");
+        assert_eq!(c.credentials.len(), 1);
+        assert_eq!(c.vpn.lease_time, Duration::from_secs(86_400));
+        assert_eq!(
+            c.vpn.lease_file,
+            Path::new("/var/lib/sallyport/leases.json")
+        );
+    }
+
+    #[test]
+    fn bad_auth_entries_name_the_key() {
+        let client = |name: &str, token: &str, ip: &str| {
+            format!("[[auth.clients]]\nname = \"{name}\"\ntoken = \"{token}\"\n{ip}\n")
+        };
+        let cases = [
+            ("tokens = [\"sha256:abc\"]".to_string(), "auth.tokens"),
+            ("tokens = [\"a\", \"a\"]".to_string(), "auth.tokens"),
+            ("tokens = []".to_string(), "auth.tokens"),
+            (
+                format!("tokens = [\"a\"]\n{}", client("x", &hash_token("a"), "")),
+                "auth.clients.token",
+            ),
+            (
+                format!("{}{}", client("x", "1", ""), client("x", "2", "")),
+                "auth.clients.name",
+            ),
+            (client("has space", "1", ""), "auth.clients.name"),
+            (client("x", "1", "ip = \"10.9.0.5\""), "auth.clients.ip"),
+            (client("x", "1", "ip = \"10.100.0.1\""), "auth.clients.ip"),
+            (client("x", "1", "ip = \"10.100.0.255\""), "auth.clients.ip"),
+            (
+                format!(
+                    "{}{}",
+                    client("x", "1", "ip = \"10.100.0.9\""),
+                    client("y", "2", "ip = \"10.100.0.9\"")
+                ),
+                "auth.clients.ip",
+            ),
+        ];
+        for (auth, key) in cases {
+            let e = err(&with_auth(&auth));
+            assert!(e.contains(key) && e.contains("server.toml"), "{auth}: {e}");
+        }
     }
 }

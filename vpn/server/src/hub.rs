@@ -46,6 +46,8 @@ pub struct Hub {
     to_tun: mpsc::Sender<PacketBatch>,
     stats: Arc<Counters>,
     meta: RwLock<BTreeMap<u64, Arc<SessionMeta>>>,
+    /// Signalled whenever a lease may have changed (for the lease file).
+    leases_changed: tokio::sync::Notify,
 }
 
 /// What the status endpoint shows about a session.
@@ -85,6 +87,7 @@ impl Hub {
             to_tun,
             stats: Counters::new_shared(),
             meta: RwLock::new(BTreeMap::new()),
+            leases_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -144,7 +147,25 @@ impl Hub {
         if let Some(old) = old {
             old.cancel.cancel();
         }
+        self.leases_changed.notify_one();
         Ok(grant)
+    }
+
+    /// Resolves after a lease may have changed since the last call.
+    pub async fn leases_changed(&self) {
+        self.leases_changed.notified().await
+    }
+
+    /// The identified clients' leases, for the lease file.
+    pub fn lease_snapshot(&self) -> Vec<crate::pool::SavedLease> {
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.snapshot(Instant::now(), SystemTime::now())
+    }
+
+    /// Takes back leases from the lease file; returns how many.
+    pub fn restore_leases(&self, saved: &[crate::pool::SavedLease]) -> usize {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.restore(saved, Instant::now(), SystemTime::now())
     }
 
     /// The session ended: forget its route and hold its address.
@@ -159,8 +180,11 @@ impl Hub {
             let mut m = self.meta.write().unwrap_or_else(|p| p.into_inner());
             m.remove(&session);
         }
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.release(addr, session, Instant::now());
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.release(addr, session, Instant::now());
+        }
+        self.leases_changed.notify_one();
     }
 
     /// Routes a batch that arrived from a client (after its pipeline). Packets

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod config;
 pub mod hub;
+pub mod leases;
 pub mod pipeline;
 pub mod pool;
 pub mod session;
@@ -25,10 +26,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
 use crate::hub::Hub;
+use crate::leases::LeaseFile;
 use crate::pipeline::NewPipeline;
 use crate::pool::IpPool;
 use crate::session::SessionConfig;
 use sallyport_middleware::{Direction, DropReason};
+use sallyport_transports::tls::CertStore;
 
 /// Why the server could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -78,11 +81,21 @@ pub fn check(cfg: &ServerConfig) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// The pin (base64 SHA-256 of the public key) of the configured certificate,
+/// for clients' `server.pin_sha256`.
+pub fn print_pin(cfg: &ServerConfig) -> Result<String, ServerError> {
+    let store = CertStore::load(&cfg.server.tls_cert, &cfg.server.tls_key)?;
+    let pin = store
+        .pin()
+        .map_err(sallyport_transports::tls::TlsConfigError::Rustls)?;
+    Ok(sallyport_transports::tls::format_pin(&pin))
+}
+
 /// Runs the server until `shutdown` is cancelled, then stops accepting, closes
 /// every session and removes the TUN device.
 pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
-    let tls =
-        sallyport_transports::tls::server_config(&cfg.server.tls_cert, &cfg.server.tls_key, &[])?;
+    let certs = CertStore::load(&cfg.server.tls_cert, &cfg.server.tls_key)?;
+    let tls = sallyport_transports::tls::server_config_with(certs.clone(), &[])?;
     let static_page = match &cfg.server.static_page {
         Some(p) => Some(
             std::fs::read(p)
@@ -124,10 +137,22 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
     })?;
 
     let (to_tun, from_hub) = mpsc::channel::<PacketBatch>(256);
-    let pool = IpPool::new(cfg.vpn.subnet, cfg.vpn.server_ip, cfg.vpn.lease_grace);
+    let mut pool = IpPool::new(cfg.vpn.subnet, cfg.vpn.server_ip, cfg.vpn.lease_grace)
+        .with_lease_time(cfg.vpn.lease_time);
+    for c in &cfg.credentials {
+        if let (Some(name), Some(ip)) = (&c.name, c.ip) {
+            pool = pool.with_fixed(format!("name:{name}"), ip);
+        }
+    }
     let hub = Arc::new(Hub::new(pool, cfg.vpn.subnet, cfg.vpn.server_ip, to_tun));
+    let lease_file = lease_file(&cfg);
+    if let Some(f) = &lease_file {
+        let saved = f.load();
+        let n = hub.restore_leases(&saved);
+        tracing::info!(file = %f.path().display(), restored = n, in_file = saved.len(), "leases restored");
+    }
     let session_cfg = Arc::new(SessionConfig {
-        tokens: cfg.auth.tokens.clone().into(),
+        credentials: cfg.credentials.clone().into(),
         auth_timeout: cfg.limits.auth_timeout,
         keepalive: cfg.vpn.keepalive_interval,
         mtu: cfg.vpn.mtu,
@@ -159,6 +184,10 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
     let tun_writer = tokio::spawn(tun_writer(tun.clone(), from_hub, hub.clone()));
     let mut tun_reader = tokio::spawn(tun_reader(tun.clone(), hub.clone()));
     let stats = tokio::spawn(stats_logger(hub.clone(), cfg.vpn.stats_interval));
+    let persist = lease_file
+        .clone()
+        .map(|f| tokio::spawn(persist_leases(hub.clone(), f)));
+    let reloader = tokio::spawn(reload_on_sighup(certs));
     let sessions = TaskTracker::new();
     let ids = AtomicU64::new(1);
 
@@ -193,6 +222,15 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
     tun_reader.abort();
     tun_writer.abort();
     stats.abort();
+    reloader.abort();
+    if let Some(p) = persist {
+        p.abort();
+    }
+    if let Some(f) = lease_file {
+        // Live sessions' leases last `lease_time` from now: their clients
+        // have that long to come back to a restarted server.
+        save_leases(&hub, f).await;
+    }
     if let Some(a) = admin {
         a.abort();
     }
@@ -202,6 +240,56 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
     drop(tun);
     tracing::info!("stopped");
     result
+}
+
+/// The lease file, unless `vpn.lease_file = ""`.
+fn lease_file(cfg: &ServerConfig) -> Option<LeaseFile> {
+    let path = &cfg.vpn.lease_file;
+    if path.as_os_str().is_empty() {
+        tracing::info!("vpn.lease_file = \"\": leases are not kept across restarts");
+        return None;
+    }
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => {
+            tracing::warn!(file = %path.display(), "the lease file's directory does not exist: leases are not kept across restarts");
+            None
+        }
+        _ => Some(LeaseFile::new(path.clone())),
+    }
+}
+
+/// Writes the lease file after changes, at most every 100 ms.
+async fn persist_leases(hub: Arc<Hub>, file: LeaseFile) {
+    loop {
+        hub.leases_changed().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        save_leases(&hub, file.clone()).await;
+    }
+}
+
+async fn save_leases(hub: &Hub, file: LeaseFile) {
+    let leases = hub.lease_snapshot();
+    let r = tokio::task::spawn_blocking(move || file.save(&leases).map_err(|e| (file, e))).await;
+    if let Ok(Err((file, e))) = r {
+        tracing::warn!(file = %file.path().display(), error = %e, "cannot write the lease file");
+    }
+}
+
+/// SIGHUP: reload the certificate and key; on any error keep the old ones.
+async fn reload_on_sighup(certs: Arc<CertStore>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: the certificate cannot be reloaded");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match certs.reload() {
+            Ok(()) => tracing::info!("SIGHUP: certificate and key reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: certificate reload failed, keeping the old one")
+            }
+        }
+    }
 }
 
 async fn tun_reader(tun: TunDevice, hub: Arc<Hub>) -> std::io::Result<()> {

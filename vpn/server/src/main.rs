@@ -1,4 +1,5 @@
-//! `sallyport-server --config FILE [--check-config]`
+//! `sallyport-server --config FILE [--check-config | --print-pin]`,
+//! `sallyport-server --hash-token < token`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +20,14 @@ struct Args {
     /// given, instead of --config.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     check_config: Option<Option<PathBuf>>,
+    /// Print the pin of the configured certificate's public key (for the
+    /// clients' `server.pin_sha256`) and exit.
+    #[arg(long, conflicts_with = "check_config")]
+    print_pin: bool,
+    /// Read a token from standard input and print its `sha256:` form (for
+    /// `[auth]`), then exit.
+    #[arg(long, conflicts_with_all = ["check_config", "print_pin"])]
+    hash_token: bool,
 }
 
 fn main() -> ExitCode {
@@ -33,6 +42,21 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
+    if args.hash_token {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("read the token from standard input")?;
+        let token = line.trim_end_matches(['\r', '\n']);
+        anyhow::ensure!(!token.is_empty(), "no token on standard input");
+        println!("{}", sallyport_server::config::hash_token(token));
+        return Ok(());
+    }
+    if args.print_pin {
+        let cfg = ServerConfig::load(&args.config)?;
+        println!("{}", sallyport_server::print_pin(&cfg)?);
+        return Ok(());
+    }
     if let Some(file) = args.check_config {
         let path = file.unwrap_or(args.config);
         sallyport_server::check(&ServerConfig::load(&path)?)?;

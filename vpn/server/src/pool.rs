@@ -1,28 +1,32 @@
 //! The address pool: which client has which address, and for how long a
 //! disconnected client's address stays reserved for it.
 //!
+//! A client with an identity (a configured name, or a hash of its token and
+//! the client id it stores) keeps its lease for `lease_time` after its last
+//! session, and across server restarts ([`IpPool::snapshot`] and
+//! [`IpPool::restore`]): it gets its address back whatever order clients
+//! return in and whether or not it asks for it. A client without one keeps
+//! its address for the shorter grace period, and only gets it back by asking
+//! (`reconnect {previous_ip}`). Fixed addresses (`[[auth.clients]] ip`) are
+//! never given to anyone else.
+//!
 //! Pure bookkeeping, no I/O: time is passed in, so every rule is unit-tested.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
 
 /// Who holds a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
-    /// Index of the token in `[auth] tokens`.
+    /// Index of the credential (`[auth] tokens`, then `[[auth.clients]]`).
     pub token: usize,
-    /// The client's self-chosen id, when it sent one.
-    pub client_id: Option<String>,
-}
-
-impl Owner {
-    /// Whether `other` is the same client (same token and the same, present, id).
-    fn same_client(&self, other: &Owner) -> bool {
-        self.token == other.token && self.client_id.is_some() && self.client_id == other.client_id
-    }
+    /// The stable identity (`name:<name>` or `id:<hash>`); `None`: an
+    /// anonymous client (no name, no client id).
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +61,8 @@ pub struct Grant {
     pub reuse: Reuse,
     /// A live session of the same client that this one replaces.
     pub replaces: Option<u64>,
+    /// The address came from this identity's lease (or fixed address).
+    pub from_lease: bool,
 }
 
 /// The pool has no free address.
@@ -64,24 +70,58 @@ pub struct Grant {
 #[error("address pool exhausted: all {0} addresses are in use or held")]
 pub struct Exhausted(pub usize);
 
+/// A lease as kept in the lease file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLease {
+    /// `name:<name>` or `id:<hash>`; never a token.
+    pub identity: String,
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// When the lease ends if its client does not come back, seconds since
+    /// the Unix epoch.
+    pub expires_unix: u64,
+}
+
 /// Addresses of one subnet, less the network, broadcast and server addresses.
 #[derive(Debug)]
 pub struct IpPool {
     net: Ipv4Net,
     server_ip: Ipv4Addr,
     grace: Duration,
+    lease_time: Duration,
     leases: HashMap<Ipv4Addr, Lease>,
+    /// Fixed addresses: identity → address, and the reverse.
+    fixed: HashMap<String, Ipv4Addr>,
+    reserved: HashMap<Ipv4Addr, String>,
 }
 
 impl IpPool {
-    /// A pool over `net` (a /30 or larger) excluding `server_ip`.
+    /// A pool over `net` (a /30 or larger) excluding `server_ip`; anonymous
+    /// clients' addresses are held for `grace` after they leave, identified
+    /// clients' for `grace` too until [`IpPool::with_lease_time`].
     pub fn new(net: Ipv4Net, server_ip: Ipv4Addr, grace: Duration) -> Self {
         Self {
             net: net.trunc(),
             server_ip,
             grace,
+            lease_time: grace,
             leases: HashMap::new(),
+            fixed: HashMap::new(),
+            reserved: HashMap::new(),
         }
+    }
+
+    /// How long an identified client's lease outlives its last session.
+    pub fn with_lease_time(mut self, lease_time: Duration) -> Self {
+        self.lease_time = lease_time;
+        self
+    }
+
+    /// Reserves `addr` for `identity` alone.
+    pub fn with_fixed(mut self, identity: String, addr: Ipv4Addr) -> Self {
+        self.reserved.insert(addr, identity.clone());
+        self.fixed.insert(identity, addr);
+        self
     }
 
     /// Number of addresses that can be handed out.
@@ -101,6 +141,9 @@ impl IpPool {
     }
 
     fn is_free(&self, a: Ipv4Addr, now: Instant) -> bool {
+        if self.reserved.contains_key(&a) {
+            return false;
+        }
         match self.leases.get(&a) {
             None => true,
             Some(Lease {
@@ -111,8 +154,24 @@ impl IpPool {
         }
     }
 
-    /// Gives `owner` an address for `session`: `previous` when it may have it
-    /// back, else the lowest free address.
+    /// The address leased to `identity` (live or held, not expired).
+    fn lease_of(&self, identity: &str, now: Instant) -> Option<Ipv4Addr> {
+        if let Some(a) = self.fixed.get(identity) {
+            return Some(*a);
+        }
+        self.leases.iter().find_map(|(a, l)| {
+            let live = match l.state {
+                State::Active { .. } => true,
+                State::Held { until } => until > now,
+            };
+            (live && l.owner.identity.as_deref() == Some(identity)).then_some(*a)
+        })
+    }
+
+    /// Gives `owner` an address for `session`: its identity's lease if it
+    /// has one, else `previous` when it may have it back, else the lowest
+    /// free address. A live session on the address it gets is reported in
+    /// [`Grant::replaces`].
     pub fn acquire(
         &mut self,
         owner: Owner,
@@ -120,52 +179,68 @@ impl IpPool {
         previous: Option<Ipv4Addr>,
         now: Instant,
     ) -> Result<Grant, Exhausted> {
+        if let Some(addr) = owner
+            .identity
+            .as_deref()
+            .and_then(|id| self.lease_of(id, now))
+        {
+            let reuse = match previous {
+                None => Reuse::NotAsked,
+                Some(p) if p == addr => Reuse::Granted,
+                Some(_) => Reuse::Refused("this client's lease is another address"),
+            };
+            return Ok(self.take(addr, owner, session, reuse, true));
+        }
         let mut reuse = Reuse::NotAsked;
         if let Some(prev) = previous {
             reuse = self.may_reuse(&owner, prev, now);
             if reuse == Reuse::Granted {
-                let replaces = match self.leases.get(&prev) {
-                    Some(Lease {
-                        state: State::Active { session },
-                        ..
-                    }) => Some(*session),
-                    _ => None,
-                };
-                self.leases.insert(
-                    prev,
-                    Lease {
-                        owner,
-                        state: State::Active { session },
-                    },
-                );
-                return Ok(Grant {
-                    addr: prev,
-                    reuse,
-                    replaces,
-                });
+                return Ok(self.take(prev, owner, session, reuse, false));
             }
         }
         let addr = self
             .hosts()
             .find(|a| self.is_free(*a, now))
             .ok_or(Exhausted(self.capacity()))?;
-        self.leases.insert(
+        Ok(self.take(addr, owner, session, reuse, false))
+    }
+
+    fn take(
+        &mut self,
+        addr: Ipv4Addr,
+        owner: Owner,
+        session: u64,
+        reuse: Reuse,
+        from_lease: bool,
+    ) -> Grant {
+        let old = self.leases.insert(
             addr,
             Lease {
                 owner,
                 state: State::Active { session },
             },
         );
-        Ok(Grant {
+        let replaces = match old {
+            Some(Lease {
+                state: State::Active { session },
+                ..
+            }) => Some(session),
+            _ => None,
+        };
+        Grant {
             addr,
             reuse,
-            replaces: None,
-        })
+            replaces,
+            from_lease,
+        }
     }
 
     fn may_reuse(&self, owner: &Owner, prev: Ipv4Addr, now: Instant) -> Reuse {
         if !self.usable(prev) {
             return Reuse::Refused("not an assignable address of this subnet");
+        }
+        if self.reserved.contains_key(&prev) {
+            return Reuse::Refused("reserved for another client");
         }
         match self.leases.get(&prev) {
             None => Reuse::Granted,
@@ -173,14 +248,17 @@ impl IpPool {
                 state: State::Held { until },
                 ..
             }) if *until <= now => Reuse::Granted,
+            // Anonymous clients of one token may take each other's held
+            // address back: without an id they cannot be told apart.
             Some(Lease {
                 owner: holder,
                 state: State::Held { .. },
-            }) if holder.token == owner.token => Reuse::Granted,
-            Some(Lease {
-                owner: holder,
-                state: State::Active { .. },
-            }) if holder.same_client(owner) => Reuse::Granted,
+            }) if holder.identity.is_none()
+                && owner.identity.is_none()
+                && holder.token == owner.token =>
+            {
+                Reuse::Granted
+            }
             Some(Lease {
                 state: State::Active { .. },
                 ..
@@ -189,14 +267,18 @@ impl IpPool {
         }
     }
 
-    /// The session ended: hold its address for the grace period. Does nothing
-    /// if the address has since been given to another session.
+    /// The session ended: hold its address (for `lease_time` if its client
+    /// has an identity, else for the grace period). Does nothing if the
+    /// address has since been given to another session.
     pub fn release(&mut self, addr: Ipv4Addr, session: u64, now: Instant) {
         if let Some(lease) = self.leases.get_mut(&addr) {
             if matches!(lease.state, State::Active { session: s } if s == session) {
-                lease.state = State::Held {
-                    until: now + self.grace,
+                let hold = if lease.owner.identity.is_some() {
+                    self.lease_time
+                } else {
+                    self.grace
                 };
+                lease.state = State::Held { until: now + hold };
             }
         }
         // Forget expired holds so the map stays bounded by live clients.
@@ -210,6 +292,71 @@ impl IpPool {
             .values()
             .filter(|l| matches!(l.state, State::Active { .. }))
             .count()
+    }
+
+    /// The leases of identified clients, for the lease file. A live lease
+    /// ends `lease_time` from now (if the server stops, its client has that
+    /// long to come back). Sorted by address.
+    pub fn snapshot(&self, now: Instant, wall: SystemTime) -> Vec<SavedLease> {
+        let unix = |d: Duration| {
+            (wall + d)
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        let mut out: Vec<SavedLease> = self
+            .leases
+            .iter()
+            .filter_map(|(ip, l)| {
+                let identity = l.owner.identity.clone()?;
+                let left = match l.state {
+                    State::Active { .. } => self.lease_time,
+                    State::Held { until } => until.checked_duration_since(now)?,
+                };
+                Some(SavedLease {
+                    identity,
+                    ip: *ip,
+                    expires_unix: unix(left),
+                })
+            })
+            .collect();
+        out.sort_by_key(|l| l.ip);
+        out
+    }
+
+    /// Takes back leases from the lease file as held ones. Skips expired
+    /// leases, addresses outside the pool or reserved for another client,
+    /// and duplicates. Returns how many were taken.
+    pub fn restore(&mut self, saved: &[SavedLease], now: Instant, wall: SystemTime) -> usize {
+        let wall_unix = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut n = 0;
+        for l in saved {
+            let Some(left) = l.expires_unix.checked_sub(wall_unix).filter(|s| *s > 0) else {
+                continue;
+            };
+            let left = Duration::from_secs(left).min(self.lease_time);
+            let reserved_for_other = self.reserved.get(&l.ip).is_some_and(|id| *id != l.identity);
+            if !self.usable(l.ip)
+                || reserved_for_other
+                || self.leases.contains_key(&l.ip)
+                || self.lease_of(&l.identity, now).is_some()
+            {
+                continue;
+            }
+            self.leases.insert(
+                l.ip,
+                Lease {
+                    owner: Owner {
+                        token: usize::MAX,
+                        identity: Some(l.identity.clone()),
+                    },
+                    state: State::Held { until: now + left },
+                },
+            );
+            n += 1;
+        }
+        n
     }
 }
 
@@ -228,7 +375,7 @@ mod tests {
     fn owner(token: usize) -> Owner {
         Owner {
             token,
-            client_id: None,
+            identity: None,
         }
     }
 
@@ -338,10 +485,7 @@ mod tests {
     fn same_client_id_replaces_its_own_stale_session() {
         let mut p = pool("10.100.0.0/24");
         let t0 = Instant::now();
-        let me = Owner {
-            token: 0,
-            client_id: Some("laptop".into()),
-        };
+        let me = who("id:laptop");
         let a = p.acquire(me.clone(), 1, None, t0).expect("a").addr;
         let g = p.acquire(me, 2, Some(a), t0).expect("again");
         assert_eq!((g.addr, g.replaces), (a, Some(1)));
@@ -360,5 +504,139 @@ mod tests {
             assert!(matches!(g.reuse, Reuse::Refused(_)), "{bad}");
             p.release(g.addr, 1, now + GRACE * 2);
         }
+    }
+
+    fn who(identity: &str) -> Owner {
+        Owner {
+            token: 0,
+            identity: Some(identity.into()),
+        }
+    }
+
+    #[test]
+    fn an_identity_gets_its_lease_back_without_asking_for_lease_time() {
+        let mut p = pool("10.100.0.0/24").with_lease_time(GRACE * 10);
+        let t0 = Instant::now();
+        let a = p.acquire(who("name:alice"), 1, None, t0).expect("a").addr;
+        let b = p.acquire(who("name:bob"), 2, None, t0).expect("b").addr;
+        p.release(a, 1, t0);
+        p.release(b, 2, t0);
+        // Past the anonymous grace, within the lease time; bob first.
+        let later = t0 + GRACE * 2;
+        let gb = p.acquire(who("name:bob"), 3, None, later).expect("bob");
+        let stranger = p.acquire(owner(0), 4, None, later).expect("anon");
+        let ga = p.acquire(who("name:alice"), 5, None, later).expect("alice");
+        assert_eq!((ga.addr, gb.addr), (a, b));
+        assert!(ga.from_lease && gb.from_lease);
+        assert!(stranger.addr != a && stranger.addr != b);
+        // After the lease time it is gone.
+        p.release(ga.addr, 5, later);
+        let c = p
+            .acquire(who("name:carol"), 6, None, later + GRACE * 11)
+            .expect("carol");
+        assert_eq!(c.addr, a, "alice's expired lease is free again");
+    }
+
+    #[test]
+    fn a_previous_ip_leased_to_another_identity_is_refused() {
+        let mut p = pool("10.100.0.0/24").with_lease_time(GRACE * 10);
+        let t0 = Instant::now();
+        let a = p.acquire(who("id:x"), 1, None, t0).expect("x").addr;
+        p.release(a, 1, t0);
+        for claimant in [who("id:y"), owner(0)] {
+            let g = p.acquire(claimant, 2, Some(a), t0).expect("other");
+            assert_ne!(g.addr, a);
+            assert!(matches!(g.reuse, Reuse::Refused(_)));
+            p.release(g.addr, 2, t0);
+        }
+        // Its own identity asking for another address still gets its lease.
+        let g = p
+            .acquire(who("id:x"), 3, Some(ip("10.100.0.99")), t0)
+            .expect("x");
+        assert_eq!(g.addr, a);
+        assert!(matches!(g.reuse, Reuse::Refused(_)));
+    }
+
+    #[test]
+    fn a_new_session_of_a_live_identity_replaces_it_at_once() {
+        let mut p = pool("10.100.0.0/24");
+        let t0 = Instant::now();
+        let a = p.acquire(who("name:alice"), 1, None, t0).expect("a").addr;
+        // No previous_ip: a fresh process of the same client.
+        let g = p.acquire(who("name:alice"), 2, None, t0).expect("again");
+        assert_eq!((g.addr, g.replaces), (a, Some(1)));
+        p.release(a, 1, t0);
+        assert_eq!(p.active(), 1, "the late release of the old one is ignored");
+    }
+
+    #[test]
+    fn fixed_addresses_go_only_to_their_client() {
+        let fixed = ip("10.100.0.2");
+        let mut p = pool("10.100.0.0/28").with_fixed("name:alice".into(), fixed);
+        let t0 = Instant::now();
+        let others: Vec<_> = (0..4)
+            .map(|i| p.acquire(owner(0), i, None, t0).expect("free").addr)
+            .collect();
+        assert!(!others.contains(&fixed), "{others:?}");
+        assert!(p.acquire(owner(0), 9, Some(fixed), t0).expect("x").addr != fixed);
+        let g = p.acquire(who("name:alice"), 10, None, t0).expect("alice");
+        assert_eq!(g.addr, fixed);
+    }
+
+    #[test]
+    fn leases_survive_a_restart_through_snapshot_and_restore() {
+        let t0 = Instant::now();
+        let wall = SystemTime::now();
+        let mut before = pool("10.100.0.0/24").with_lease_time(GRACE * 10);
+        let mut got = Vec::new();
+        for (i, id) in ["id:a", "id:b", "id:c"].iter().enumerate() {
+            got.push(before.acquire(who(id), i as u64, None, t0).expect("a").addr);
+        }
+        let anon = before.acquire(owner(1), 9, None, t0).expect("anon").addr;
+        before.release(got[1], 1, t0);
+        let saved = before.snapshot(t0, wall);
+        assert_eq!(saved.len(), 3, "anonymous leases are not saved: {saved:?}");
+        assert!(saved.iter().all(|l| !l.identity.contains("token")));
+
+        let mut after = pool("10.100.0.0/24").with_lease_time(GRACE * 10);
+        let t1 = Instant::now();
+        assert_eq!(after.restore(&saved, t1, wall), 3);
+        // A fresh anonymous client claims c's address, and gets another.
+        let a2 = after.acquire(owner(1), 10, Some(got[2]), t1).expect("anon");
+        assert!(!got.contains(&a2.addr));
+        let _ = anon;
+        for (i, id) in ["id:c", "id:b", "id:a"].iter().enumerate() {
+            let g = after
+                .acquire(who(id), 20 + i as u64, None, t1)
+                .expect("back");
+            assert_eq!(g.addr, got[2 - i], "{id}");
+        }
+        // Expired, outside the subnet and duplicate leases are skipped.
+        let mut fresh = pool("10.100.0.0/24");
+        let late = wall + GRACE * 20;
+        assert_eq!(fresh.restore(&saved, t1, late), 0, "all expired");
+        let odd = [
+            SavedLease {
+                identity: "id:q".into(),
+                ip: ip("192.168.0.1"),
+                expires_unix: u64::MAX,
+            },
+            SavedLease {
+                identity: "id:q".into(),
+                ip: ip("10.100.0.1"),
+                expires_unix: u64::MAX,
+            },
+            SavedLease {
+                identity: "id:r".into(),
+                ip: ip("10.100.0.8"),
+                expires_unix: u64::MAX,
+            },
+            SavedLease {
+                identity: "id:s".into(),
+                ip: ip("10.100.0.8"),
+                expires_unix: u64::MAX,
+            },
+        ];
+        assert_eq!(fresh.restore(&odd, t1, wall), 1);
     }
 }

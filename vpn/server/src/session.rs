@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+use crate::config::Credential;
 use crate::hub::{Hub, SessionHandle, SessionMeta};
 use crate::pipeline::{HubRouter, NewPipeline, SessionTarget};
 use crate::pool::{Owner, Reuse};
@@ -26,8 +27,8 @@ use crate::pool::{Owner, Reuse};
 /// What every session needs to know, shared.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Accepted tokens.
-    pub tokens: Arc<[Token]>,
+    /// Accepted tokens (their digests), by credential index.
+    pub credentials: Arc<[Credential]>,
     /// Time allowed for the first message.
     pub auth_timeout: Duration,
     /// Ping interval; silence for 3 intervals ends the session.
@@ -63,6 +64,7 @@ pub async fn run(
         id,
         peer = %peer,
         transport = %tunnel.info.transport,
+        client = tracing::field::Empty,
         ip = tracing::field::Empty
     );
     run_inner(hub, cfg, tunnel, id, shutdown)
@@ -106,8 +108,15 @@ async fn run_inner(
     let token_index = hello.token;
     let owner = Owner {
         token: hello.token,
-        client_id: hello.client_id,
+        identity: identity(&cfg.credentials, hello.token, hello.client_id.as_deref()),
     };
+    if let Some(name) = cfg
+        .credentials
+        .get(token_index)
+        .and_then(|c| c.name.as_ref())
+    {
+        tracing::Span::current().record("client", tracing::field::display(name));
+    }
     let grant = match hub.register(owner, hello.previous, handle) {
         Ok(g) => g,
         Err(e) => {
@@ -119,6 +128,9 @@ async fn run_inner(
     let addr = grant.addr;
     tracing::Span::current().record("ip", tracing::field::display(addr));
     match (hello.previous, grant.reuse) {
+        (None, _) if grant.from_lease => {
+            tracing::info!(%addr, "authenticated, its leased address given back")
+        }
         (None, _) => tracing::info!(%addr, "authenticated, address assigned"),
         (Some(prev), Reuse::Granted) => {
             tracing::info!(%addr, previous = %prev, "reconnected with its previous address")
@@ -268,7 +280,7 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
         Ok(Control::Reconnect(r)) => (r.token, Some(r.previous_ip), r.client_id, r.compression),
         Ok(other) => return Err(Refusal::NotAuth(other.kind().into())),
     };
-    let token = check_token(&cfg.tokens, &token).ok_or(Refusal::BadToken)?;
+    let token = check_token(&cfg.credentials, &token).ok_or(Refusal::BadToken)?;
     Ok(Hello {
         token,
         previous,
@@ -277,16 +289,39 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
     })
 }
 
-/// The index of the matching token. Compares against every token in constant
-/// time per token, so timing does not reveal which prefix matched.
-fn check_token(tokens: &[Token], given: &Token) -> Option<usize> {
+/// The index of the matching credential. The given token is hashed and its
+/// digest compared with every credential's in constant time, so timing
+/// reveals neither which token matched nor how much of one did.
+fn check_token(credentials: &[Credential], given: &Token) -> Option<usize> {
+    let digest = sallyport_transports::tls::sha256(given.expose().as_bytes());
     let mut found = None;
-    for (i, t) in tokens.iter().enumerate() {
-        if bool::from(t.expose().as_bytes().ct_eq(given.expose().as_bytes())) {
+    for (i, c) in credentials.iter().enumerate() {
+        if bool::from(c.digest.ct_eq(&digest)) {
             found = Some(i);
         }
     }
     found
+}
+
+/// The identity a lease is bound to: the client's configured name, else a
+/// hash of its token's digest and its client id (so the lease file never
+/// holds a token), else none.
+pub fn identity(
+    credentials: &[Credential],
+    index: usize,
+    client_id: Option<&str>,
+) -> Option<String> {
+    let cred = credentials.get(index)?;
+    if let Some(name) = &cred.name {
+        return Some(format!("name:{name}"));
+    }
+    let id = client_id?;
+    let mut input = cred.digest.to_vec();
+    input.push(0);
+    input.extend_from_slice(id.as_bytes());
+    let h = sallyport_transports::tls::sha256(&input);
+    let hex: String = h[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("id:{hex}"))
 }
 
 fn failure(error: &str) -> Frame {
@@ -433,10 +468,42 @@ mod tests {
 
     #[test]
     fn token_check_finds_the_matching_index_only() {
-        let tokens = [Token::new("alpha"), Token::new("beta")];
+        let tokens = [Credential::plain("alpha"), Credential::plain("beta")];
         assert_eq!(check_token(&tokens, &Token::new("beta")), Some(1));
         assert_eq!(check_token(&tokens, &Token::new("bet")), None);
         assert_eq!(check_token(&tokens, &Token::new("")), None);
         assert_eq!(check_token(&tokens, &Token::new("alphax")), None);
+        let hashed = Credential {
+            name: Some("alice".into()),
+            digest: sallyport_transports::tls::sha256(b"gamma"),
+            ip: None,
+        };
+        let tokens = [Credential::plain("alpha"), hashed];
+        assert_eq!(check_token(&tokens, &Token::new("gamma")), Some(1));
+        assert_eq!(
+            check_token(&tokens, &Token::new(crate::config::hash_token("gamma"))),
+            None,
+            "the hash itself is not a token"
+        );
+    }
+
+    #[test]
+    fn identity_is_the_name_else_a_hash_of_token_and_client_id() {
+        let creds = [
+            Credential::plain("secret-a"),
+            Credential::plain("secret-b"),
+            Credential {
+                name: Some("alice".into()),
+                ..Credential::plain("secret-c")
+            },
+        ];
+        assert_eq!(identity(&creds, 2, Some("x")), Some("name:alice".into()));
+        assert_eq!(identity(&creds, 2, None), Some("name:alice".into()));
+        assert_eq!(identity(&creds, 0, None), None);
+        let a = identity(&creds, 0, Some("laptop")).expect("id");
+        assert_eq!(identity(&creds, 0, Some("laptop")), Some(a.clone()));
+        assert_ne!(identity(&creds, 1, Some("laptop")), Some(a.clone()));
+        assert_ne!(identity(&creds, 0, Some("phone")), Some(a.clone()));
+        assert!(a.starts_with("id:") && !a.contains("secret") && !a.contains("laptop"));
     }
 }

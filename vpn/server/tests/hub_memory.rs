@@ -11,7 +11,9 @@ use sallyport_core::ip::build_ipv4;
 use sallyport_core::message::{Auth, Control, Reconnect, Token};
 use sallyport_core::{Frame, PacketBatch};
 use sallyport_middleware::{Direction, DropReason};
+use sallyport_server::config::Credential;
 use sallyport_server::hub::Hub;
+use sallyport_server::leases::LeaseFile;
 use sallyport_server::pipeline::NewPipeline;
 use sallyport_server::pool::IpPool;
 use sallyport_server::session::{self, SessionConfig};
@@ -31,13 +33,20 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with(vec![Credential::plain("good")])
+    }
+
+    /// A fixture accepting `credentials`, identified leases lasting a day.
+    fn with(credentials: Vec<Credential>) -> Self {
         let subnet = "10.100.0.0/24".parse().expect("net");
         let (to_tun, from_hub_to_tun) = mpsc::channel(16);
-        let pool = IpPool::new(subnet, SERVER, Duration::from_secs(300));
+        let pool = IpPool::new(subnet, SERVER, Duration::from_secs(300))
+            .with_lease_time(Duration::from_secs(86_400));
+        let n = credentials.len();
         Self {
             hub: Arc::new(Hub::new(pool, subnet, SERVER, to_tun)),
             cfg: Arc::new(SessionConfig {
-                tokens: vec![Token::new("good")].into(),
+                credentials: credentials.into(),
                 auth_timeout: Duration::from_secs(2),
                 keepalive: Duration::from_secs(15),
                 mtu: 1420,
@@ -49,7 +58,7 @@ impl Fixture {
                     mtu: 1420,
                 },
                 compression: true,
-                rate_limits: vec![None].into(),
+                rate_limits: vec![None; n].into(),
             }),
             from_hub_to_tun,
             shutdown: CancellationToken::new(),
@@ -88,11 +97,105 @@ impl Fixture {
 }
 
 fn auth(token: &str) -> Control {
+    auth_as(token, None)
+}
+
+fn auth_as(token: &str, client_id: Option<&str>) -> Control {
     Control::Auth(Auth {
         token: Token::new(token),
-        client_id: None,
+        client_id: client_id.map(Into::into),
         compression: None,
     })
+}
+
+fn assigned(reply: Control) -> Ipv4Addr {
+    match reply {
+        Control::AuthResponse(r) if r.success => r.assigned_ip.expect("ip"),
+        other => panic!("auth failed: {other:?}"),
+    }
+}
+
+fn named(name: &str, token: &str) -> Credential {
+    Credential {
+        name: Some(name.into()),
+        ..Credential::plain(token)
+    }
+}
+
+#[tokio::test]
+async fn identities_get_their_old_addresses_after_a_restart_in_any_order() {
+    let dir = std::env::temp_dir().join(format!("sallyport-hub-leases-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = LeaseFile::new(dir.join("leases.json"));
+    let creds = || vec![Credential::plain("good"), named("alice", "alice-token")];
+    // alice by name; two machines sharing the token "good", by client id.
+    let hellos = [
+        ("alice-token", None),
+        ("good", Some("machine-one")),
+        ("good", Some("machine-two")),
+    ];
+    let mut before = Fixture::with(creds());
+    let mut old = Vec::new();
+    let mut tunnels = Vec::new();
+    for (token, id) in hellos {
+        let (t, reply) = before.connect(auth_as(token, id)).await;
+        old.push(assigned(reply));
+        tunnels.push(t);
+    }
+    file.save(&before.hub.lease_snapshot()).expect("save");
+    let text = std::fs::read_to_string(file.path()).expect("read");
+    assert!(
+        !text.contains("good") && !text.contains("alice-token") && !text.contains("machine-"),
+        "no token or raw client id in the file: {text}"
+    );
+    before.shutdown.cancel();
+    drop(tunnels);
+
+    // The restarted server: a stranger first, asking for machine-one's
+    // address, then the three in reverse order, none asking for anything.
+    let mut after = Fixture::with(creds());
+    assert_eq!(after.hub.restore_leases(&file.load()), 3);
+    let (_s, reply) = after
+        .connect(Control::Reconnect(Reconnect {
+            token: Token::new("good"),
+            previous_ip: old[1],
+            client_id: Some("someone-else".into()),
+            compression: None,
+        }))
+        .await;
+    let stranger = assigned(reply);
+    assert!(!old.contains(&stranger), "{stranger} is someone's lease");
+    let mut keep = Vec::new();
+    for (i, (token, id)) in hellos.iter().enumerate().rev() {
+        let (t, reply) = after.connect(auth_as(token, *id)).await;
+        assert_eq!(assigned(reply), old[i], "client {i} ({token}, {id:?})");
+        keep.push(t);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_new_session_of_a_named_client_replaces_its_live_one_at_once() {
+    let mut f = Fixture::with(vec![named("alice", "alice-token")]);
+    let (mut first, ip) = {
+        let (t, r) = f.connect(auth("alice-token")).await;
+        (t, assigned(r))
+    };
+    // A fresh process of the same client: no previous_ip, no client id.
+    let (_second, reply) = f.connect(auth("alice-token")).await;
+    assert_eq!(assigned(reply), ip);
+    // The old session is closed now, not after a keepalive timeout.
+    let closed = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match first.rx.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the replaced session is closed at once");
+    assert_eq!(f.hub.sessions(), 1);
 }
 
 async fn next_frame(t: &mut Tunnel) -> Option<Frame> {
