@@ -49,6 +49,7 @@ impl Fixture {
                     mtu: 1420,
                 },
                 compression: true,
+                offload: true,
                 rate_limits: vec![None].into(),
             }),
             from_hub_to_tun,
@@ -92,6 +93,7 @@ fn auth(token: &str) -> Control {
         token: Token::new(token),
         client_id: None,
         compression: None,
+        offload: None,
     })
 }
 
@@ -266,6 +268,7 @@ async fn reconnect_gets_the_previous_address_back() {
             previous_ip: ip_a,
             client_id: None,
             compression: None,
+            offload: None,
         }))
         .await;
     match reply {
