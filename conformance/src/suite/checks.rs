@@ -329,7 +329,7 @@ pub static CHECKS: &[Check] = &[
     check!(
         "offload.routed",
         ["G4", "G5"],
-        "a super-packet reaches a client that agreed to offload and lz4 whole or as valid segments, never compressed",
+        "a client offering offload and lz4 gets at most one of them; a super-packet reaches it whole or as valid segments, never compressed",
         offload_routed
     ),
     check!(

@@ -11,7 +11,7 @@ use sallyport_core::Frame;
 use serde_json::Value;
 
 use super::session::{auth, auth_extensions, clip, prefix, Event, Grant, Probe, Session};
-use super::{fail, skip, CheckResult, Ctx, Verdict};
+use super::{fail, lz4, skip, CheckResult, Ctx, Verdict};
 
 const TCP: u8 = 6;
 const SEQ: u32 = 1000;
@@ -133,11 +133,14 @@ fn check_segment(p: &[u8], i: usize, last: bool, sp: &SuperPacket) -> Result<Vec
 
 impl Session {
     /// Waits for `sp` to arrive cut into plain segments (a peer that did not
-    /// agree to offload) [G1][G4]; with `whole_ok`, also accepts it whole.
+    /// agree to offload) [G1][G4]; with `whole_ok`, also accepts it whole;
+    /// with `lz4_ok` (the peer agreed to compression), segments may come as
+    /// lz4 frames, but the super-packet itself never does [G5].
     async fn expect_super(
         &mut self,
         sp: &SuperPacket,
         whole_ok: bool,
+        lz4_ok: bool,
         within: Duration,
     ) -> CheckResult {
         let deadline = Instant::now() + within;
@@ -157,18 +160,35 @@ impl Session {
                 Event::Packet(p) => p,
                 Event::Control(_) => continue,
             };
+            let p = match p.first() {
+                Some(0x01) if lz4_ok => match lz4::decode(&p, 65_535) {
+                    Ok(d) if d.first() == Some(&TAG_GSO) => {
+                        return Err(fail(format!(
+                            "received a super-packet as an lz4 frame ({} bytes) [G5]",
+                            p.len()
+                        )))
+                    }
+                    Ok(d) => Bytes::from(d),
+                    Err(e) => return Err(fail(format!("received a bad lz4 frame: {e}"))),
+                },
+                _ => p,
+            };
             match p.first() {
                 Some(&TAG_GSO) if whole_ok && p[..] == sp.envelope[..] => return Ok(()),
                 Some(&TAG_GSO) => {
                     return Err(fail(format!(
                         "received a super-packet ({} bytes){}",
                         p.len(),
-                        if whole_ok { ", altered" } else { " though offload was not agreed" }
+                        if whole_ok {
+                            ", altered"
+                        } else {
+                            " though offload was not agreed"
+                        }
                     )))
                 }
                 Some(0x01) => {
                     return Err(fail(format!(
-                        "received an lz4 frame ({} bytes) while waiting for a super-packet's segments: super-packets are never compressed [G5]",
+                        "received an lz4 frame ({} bytes) though compression was not agreed",
                         p.len()
                     )))
                 }
@@ -280,7 +300,7 @@ pub(super) async fn offload_not_negotiated(cx: Ctx) -> CheckResult {
     if agreed {
         let sp = SuperPacket::new(ga.ip, gb.ip, 3, 500, "a super-packet A → B");
         a.send(sp.frame()).await?;
-        b.expect_super(&sp, false, t.reply)
+        b.expect_super(&sp, false, false, t.reply)
             .await
             .map_err(|v| prefix(v, "B, which did not agree to offload"))?;
     }
@@ -374,9 +394,15 @@ pub(super) async fn offload_routed(cx: Ctx) -> CheckResult {
         return Err(skip("the server did not agree to offload"));
     }
     let (mut c, gc, c_agreed) = gso_session(&cx, &["lz4"], "session C").await?;
+    if c_agreed && gc.compression.is_some() {
+        return Err(fail(
+            "C offered offload and lz4, and the server agreed to both [G5]",
+        ));
+    }
     let sp = SuperPacket::new(ga.ip, gc.ip, 4, 1200, "a super-packet A → C");
     a.send(sp.frame()).await?;
-    c.expect_super(&sp, c_agreed, t.reply)
+    let lz4_ok = gc.compression.as_deref() == Some("lz4");
+    c.expect_super(&sp, c_agreed, lz4_ok, t.reply)
         .await
         .map_err(|v| prefix(v, "C, which offered offload and lz4"))
 }

@@ -149,7 +149,9 @@ async fn run_inner(
     }
     // Policing drops whole packets: a dropped super-packet would be dozens of
     // segments lost at once, so rate-limited sessions keep to plain packets.
-    let gso = cfg.offload && hello.offers_gso && target.rate.is_none();
+    // Compressed sessions too: a compressed frame never states more than the
+    // MTU (PROTOCOL.md §9, §11 [G5]).
+    let gso = cfg.offload && hello.offers_gso && target.rate.is_none() && !compression;
     if gso {
         tracing::debug!("segmentation offload negotiated");
     }
