@@ -42,6 +42,74 @@ fn lab_with_clients(tag: &str, n: usize) -> (Lab, ProcId, Vec<ProcId>, Vec<std::
     (lab, server, clients, addrs)
 }
 
+/// `(packets, bytes)` of the client's last `stats:` line, decap side.
+fn decap_stats(log: &str) -> Option<(u64, u64)> {
+    let line = log.lines().rev().find(|l| l.contains("stats: "))?;
+    let rest = &line[line.find("decap ")? + "decap ".len()..];
+    let mut words = rest.split_whitespace();
+    let pkts = words.next()?.parse().ok()?;
+    let bytes = words.nth(2)?.parse().ok()?;
+    Some((pkts, bytes))
+}
+
+/// A client with offload and one without share the LAN: the server cuts
+/// super-packets for the one without [G4], and a server without offload cuts
+/// them for its own TUN.
+#[test]
+fn clients_with_and_without_offload_interoperate() {
+    let _g = serial();
+    for server_offload in [true, false] {
+        let mut lab = Lab::new("o", 2).expect("lab");
+        let scfg = lab
+            .server_config(
+                "server.toml",
+                &ConfigExtra {
+                    vpn: format!("offload = {server_offload}\n"),
+                    ..Default::default()
+                },
+            )
+            .expect("cfg");
+        lab.start_server(&scfg).expect("server");
+        for (i, offload) in [(0, true), (1, false)] {
+            let ccfg = lab
+                .client_config(
+                    &format!("client{i}.toml"),
+                    TOKENS[0],
+                    &ConfigExtra {
+                        vpn: format!("offload = {offload}\n"),
+                        ..Default::default()
+                    },
+                )
+                .expect("cfg");
+            lab.start_client(i, &ccfg).expect("client");
+        }
+        let addrs: Vec<_> = (0..2)
+            .map(|i| lab.wait_client_addr(i, UP).expect("client up"))
+            .collect();
+        let (a, b) = (lab.client_ns(0), lab.client_ns(1));
+        for (from, to, dst, what) in [
+            (&a, &b, addrs[1], "offload client -> plain client"),
+            (&b, &a, addrs[0], "plain client -> offload client"),
+            (
+                &a,
+                &lab.server_ns(),
+                SERVER_TUNNEL_IP,
+                "offload client -> server",
+            ),
+        ] {
+            let bps = lab.iperf3(from, to, dst, 2, 1).expect("iperf3");
+            println!(
+                "server offload {server_offload}: {what}: {:.0} Mbit/s",
+                bps / 1e6
+            );
+            assert!(
+                bps > 1e6,
+                "{what} (server offload {server_offload}): {bps} bit/s"
+            );
+        }
+    }
+}
+
 #[test]
 fn two_clients_ping_each_other_and_the_server_and_iperf3_flows() {
     let _g = serial();
@@ -70,6 +138,7 @@ fn two_clients_ping_each_other_and_the_server_and_iperf3_flows() {
         lab.if_addr(&a, "sallyport0").is_none(),
         "client TUN removed"
     );
+
     lab.signal(server, "TERM");
     let st = lab
         .wait_exit(server, Duration::from_secs(5))
@@ -81,6 +150,17 @@ fn two_clients_ping_each_other_and_the_server_and_iperf3_flows() {
         .map(|o| !o.status.success())
         .unwrap_or(false);
     assert!(tun_gone, "server TUN removed");
+    // Segmentation offload is on by default: iperf3's data reached client 1
+    // as super-packets, far larger than the MTU on average (its session
+    // ended with the server, and it logged its counters).
+    let (pkts, bytes) = sallyport_conformance::lab::wait_for(Duration::from_secs(5), || {
+        decap_stats(&lab.log(clients[1]))
+    })
+    .expect("client 1 stats line");
+    assert!(
+        bytes / pkts.max(1) > 1420,
+        "iperf3 should cross as super-packets: {bytes} B in {pkts} packets"
+    );
     let log = lab.log(server);
     assert!(
         log.contains("session ended"),

@@ -15,11 +15,14 @@ use support::{run_suite, run_suite_over, target, token2_rate_limit, RealServer};
 /// is a test of its own.
 const EXPECTED_SKIPS: [&str; 2] = ["transport.bad_framing", "handshake.pool_exhausted"];
 
-/// The mini servers limit no rate, so the suite is not told of one either.
-const MINI_SKIPS: [&str; 3] = [
+/// The mini servers limit no rate, so the suite is not told of one either;
+/// and they do not agree to segmentation offload.
+const MINI_SKIPS: [&str; 5] = [
     "transport.bad_framing",
     "handshake.pool_exhausted",
     "policy.rate_limit",
+    "offload.bad_envelopes",
+    "offload.routed",
 ];
 
 /// Sessions for the concurrency check against the mini servers: the point

@@ -77,7 +77,8 @@ pub struct AntiSpoof<S> {
 
 impl AntiSpoofLayer {
     fn verdict(&self, packet: &[u8]) -> Result<(), DropReason> {
-        match IpHeader::parse(packet) {
+        // A super-packet's header is its first segment's (PROTOCOL.md §11).
+        match IpHeader::parse(sallyport_core::offload::ip_bytes(packet)) {
             Ok(IpHeader::V4(h)) => {
                 let addr = match self.check {
                     Check::Source => h.src,

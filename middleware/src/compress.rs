@@ -90,14 +90,14 @@ pub fn compress_packet(packet: &[u8], arena: &mut BytesMut) -> Option<Bytes> {
     Some(arena.split().freeze())
 }
 
-/// The packet inside a frame: `Ok(None)` for a raw packet (pass it on as it
-/// is), `Ok(Some(packet))` for a compressed one, `Err` for a bad frame.
+/// The packet inside a frame: `Ok(None)` for a raw packet or a super-packet
+/// (pass it on as it is; whether one was allowed is the session's business), `Ok(Some(packet))` for a compressed one, `Err` for a bad frame.
 pub fn decompress_packet(
     frame: &[u8],
     mtu: usize,
     arena: &mut BytesMut,
 ) -> Result<Option<Bytes>, CodecError> {
-    if !is_extension(frame) {
+    if !is_extension(frame) || sallyport_core::offload::is_envelope(frame) {
         return Ok(None);
     }
     let Some(&[tag, hi, lo]) = frame.get(..HEADER_LEN) else {
@@ -176,7 +176,9 @@ where
         let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
         for p in batch.iter_mut() {
             bytes_in += p.len() as u64;
-            if p.len() >= self.threshold {
+            // Super-packets (PROTOCOL.md §11) go as they are: they exceed what
+            // a compressed frame may state, and are mostly bulk data anyway.
+            if p.len() >= self.threshold && !sallyport_core::offload::is_envelope(p) {
                 if let Some(c) = compress_packet(p, &mut self.arena) {
                     *p = c;
                 }

@@ -67,7 +67,7 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = duration)]
     auth_timeout: Duration,
     /// The server's limits.max_frame_size, bytes.
-    #[arg(long, default_value_t = 65_535)]
+    #[arg(long, default_value_t = sallyport_core::offload::MAX_ENVELOPE)]
     max_frame: usize,
     /// How long an expected reply may take.
     #[arg(long, default_value = "2s", value_parser = duration)]

@@ -17,6 +17,9 @@ use bytes::Bytes;
 use sallyport_core::message::{Control, Reconnect, Token};
 use sallyport_core::Frame;
 
+use super::offload::{
+    offload_bad_envelopes, offload_negotiation, offload_not_negotiated, offload_routed,
+};
 use super::session::{
     auth, auth_offering, clip, parse_auth_reply, prefix, reconnect, top_addresses, Event, Grant,
     Pings, Probe, Session,
@@ -316,6 +319,30 @@ pub static CHECKS: &[Check] = &[
         ["C4"],
         "lz4 frames with stated length 0, above mtu or not matching the block, an unknown tag, truncated or corrupt are dropped; the session stays up",
         compression_bad_frames_dropped
+    ),
+    check!(
+        "offload.negotiation",
+        ["G2"],
+        "auth offering no, unknown or gso offload succeeds; the answer is absent or one the client offered",
+        offload_negotiation
+    ),
+    check!(
+        "offload.not_negotiated",
+        ["G1", "G4"],
+        "a client that offers nothing gets no offload field and a super-packet sent to it as valid plain segments; its own super-packet is dropped and it stays up",
+        offload_not_negotiated
+    ),
+    check!(
+        "offload.bad_envelopes",
+        ["G3", "G4"],
+        "super-packets with a mismatched or unknown kind, a tiny segment size, cut headers or a forged source are dropped; the session stays up",
+        offload_bad_envelopes
+    ),
+    check!(
+        "offload.routed",
+        ["G4", "G5"],
+        "a client offering offload and lz4 gets at most one of them; a super-packet reaches it whole or as valid segments, never compressed",
+        offload_routed
     ),
     check!(
         "policy.rate_limit",
@@ -1467,6 +1494,7 @@ async fn compression_negotiation(cx: Ctx) -> CheckResult {
         previous_ip: ga.server_ip,
         client_id: None,
         compression: Some(offer.iter().map(|s| s.to_string()).collect()),
+        offload: None,
     });
     let (_s, reply) = Session::hello(&cx, &hello)
         .await

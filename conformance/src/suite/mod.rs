@@ -17,6 +17,7 @@ mod checks;
 mod http;
 pub mod junit;
 mod lz4;
+mod offload;
 mod raw;
 mod session;
 
@@ -154,7 +155,7 @@ impl Target {
             token2: None,
             trust: ClientTrust::default(),
             timeouts: Timeouts::default(),
-            max_frame: 65_535,
+            max_frame: sallyport_core::offload::MAX_ENVELOPE,
             sessions: 200,
             exhaust_pool: false,
             exhaust_limit: 1024,

@@ -67,6 +67,8 @@ pub(crate) struct Grant {
     pub keepalive_secs: Option<u64>,
     /// The `compression` extension, when sent (§9).
     pub compression: Option<String>,
+    /// The `offload` extension, when sent (§11).
+    pub offload: Option<String>,
 }
 
 impl Grant {
@@ -175,6 +177,14 @@ pub(crate) fn parse_auth_reply(text: &[u8]) -> Result<AuthReply, String> {
                 .to_string(),
         ),
     };
+    let offload = match obj.get("offload") {
+        None => None,
+        Some(v) => Some(
+            v.as_str()
+                .ok_or_else(|| format!("offload is not a string: {v}"))?
+                .to_string(),
+        ),
+    };
     Ok(AuthReply {
         success,
         error,
@@ -185,6 +195,7 @@ pub(crate) fn parse_auth_reply(text: &[u8]) -> Result<AuthReply, String> {
             mtu,
             keepalive_secs,
             compression,
+            offload,
         }),
         raw,
     })
@@ -657,6 +668,7 @@ pub(crate) fn auth(token: &str, client_id: Option<&str>) -> Control {
         token: Token::new(token),
         client_id: client_id.map(String::from),
         compression: None,
+        offload: None,
     })
 }
 
@@ -666,6 +678,18 @@ pub(crate) fn auth_offering(token: &str, offer: &[&str]) -> Control {
         token: Token::new(token),
         client_id: None,
         compression: Some(offer.iter().map(|s| s.to_string()).collect()),
+        offload: None,
+    })
+}
+
+/// `{"type":"auth",...}` with `compression` and `offload` offers.
+pub(crate) fn auth_extensions(token: &str, compression: &[&str], offload: &[&str]) -> Control {
+    let list = |o: &[&str]| Some(o.iter().map(|s| s.to_string()).collect());
+    Control::Auth(Auth {
+        token: Token::new(token),
+        client_id: None,
+        compression: list(compression),
+        offload: list(offload),
     })
 }
 
@@ -676,6 +700,7 @@ pub(crate) fn reconnect(token: &str, previous: Ipv4Addr, client_id: Option<&str>
         previous_ip: previous,
         client_id: client_id.map(String::from),
         compression: None,
+        offload: None,
     })
 }
 

@@ -190,6 +190,7 @@ impl RealServer {
                 mtu: MTU,
             },
             compression: true,
+            offload: true,
             rate_limits: vec![
                 None,
                 Some(Rate::new(

@@ -156,6 +156,11 @@ pub struct VpnSection {
     /// packet lengths (VORACLE).
     #[serde(default)]
     pub compression: bool,
+    /// Segmentation offload (Linux): open the TUN with it and offer it to the
+    /// server, so TCP moves as 64 KiB super-packets (PROTOCOL.md §11).
+    /// Ignored on Windows.
+    #[serde(default = "yes")]
+    pub offload: bool,
 }
 
 impl Default for VpnSection {
@@ -165,6 +170,7 @@ impl Default for VpnSection {
             mtu: default_mtu(),
             keepalive_interval: default_keepalive(),
             compression: false,
+            offload: true,
         }
     }
 }

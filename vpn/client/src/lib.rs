@@ -18,6 +18,7 @@ use futures::{SinkExt, StreamExt};
 use sallyport_core::message::{
     Auth, AuthResponse, Control, Ping, Pong, Reconnect, COMPRESSION_LZ4,
 };
+use sallyport_core::offload::{self, OFFLOAD_GSO};
 use sallyport_core::{Frame, PacketBatch, MAX_BATCH};
 use sallyport_middleware::{Counters, StatsHandle};
 use sallyport_transports::dial::{self, ClientSettings};
@@ -83,7 +84,7 @@ pub fn settings(cfg: &ClientConfig) -> ClientSettings {
         host_header: cfg.server.host_header.clone(),
         // Frames from the server are at most one packet of our MTU, or a
         // control message; leave generous room.
-        max_frame: usize::from(cfg.vpn.mtu).max(65_535),
+        max_frame: usize::from(cfg.vpn.mtu).max(offload::MAX_ENVELOPE),
         timeout: cfg.server.connect_timeout,
     }
 }
@@ -217,6 +218,13 @@ struct Assigned {
     mtu: u16,
     keepalive: Duration,
     compression: bool,
+    gso: bool,
+}
+
+/// Whether this client offers segmentation offload: Linux only, where the
+/// TUN device can take super-packets.
+fn offers_offload(cfg: &ClientConfig) -> bool {
+    cfg.vpn.offload && cfg!(target_os = "linux")
 }
 
 async fn connect_and_run(
@@ -281,6 +289,7 @@ async fn connect_and_run(
                 address: assigned.addr,
                 prefix: assigned.prefix,
                 mtu: assigned.mtu,
+                offload: offers_offload(cfg),
             })?;
             state.device = Some(dev);
         }
@@ -306,6 +315,17 @@ async fn connect_and_run(
     if assigned.compression {
         tracing::info!("lz4 compression negotiated");
     }
+    // Super-packets cross the tunnel only when both ends agreed; the device
+    // may still lack offload (an old kernel), and then they are cut here.
+    let gso = Gso {
+        session: assigned.gso,
+        device: dev.offload(),
+    };
+    tracing::debug!(
+        session = gso.session,
+        device = gso.device,
+        "segmentation offload"
+    );
     let target = SessionTarget {
         addr: assigned.addr,
         mtu: assigned.mtu,
@@ -324,6 +344,7 @@ async fn connect_and_run(
             assigned.keepalive,
             session.clone(),
             encap_stack,
+            gso,
         )
         .in_current_span(),
     );
@@ -334,6 +355,7 @@ async fn connect_and_run(
         assigned.keepalive,
         &session,
         decap_stack,
+        gso,
     )
     .await;
     session.cancel();
@@ -351,17 +373,20 @@ async fn establish(
 ) -> Result<(Tunnel, Assigned), AttemptError> {
     let mut tunnel = dialer.dial().await?;
     let compression = cfg.vpn.compression.then(|| vec![COMPRESSION_LZ4.into()]);
+    let offload = offers_offload(cfg).then(|| vec![OFFLOAD_GSO.into()]);
     let hello = match previous {
         Some(previous_ip) => Control::Reconnect(Reconnect {
             token: cfg.auth.token.clone(),
             previous_ip,
             client_id: Some(client_id.into()),
             compression,
+            offload,
         }),
         None => Control::Auth(Auth {
             token: cfg.auth.token.clone(),
             client_id: Some(client_id.into()),
             compression,
+            offload,
         }),
     };
     tunnel.tx.send(hello.into()).await?;
@@ -437,13 +462,32 @@ fn accept_response(cfg: &ClientConfig, r: AuthResponse) -> Result<Assigned, Atte
             )))
         }
     };
+    let gso = match r.offload.as_deref() {
+        None => false,
+        Some(OFFLOAD_GSO) if offers_offload(cfg) => true,
+        Some(other) => {
+            return Err(bad(&format!(
+                "server chose offload {other:?}, which this client did not offer"
+            )))
+        }
+    };
     Ok(Assigned {
         addr,
         prefix: subnet.prefix_len(),
         mtu,
         keepalive,
         compression,
+        gso,
     })
+}
+
+/// Where super-packets may go in this session.
+#[derive(Debug, Clone, Copy)]
+struct Gso {
+    /// Agreed with the server: they may cross the tunnel.
+    session: bool,
+    /// The device reads and takes them.
+    device: bool,
 }
 
 /// Inside → outside: TUN packets, pongs and pings into the tunnel. Returns a
@@ -455,11 +499,13 @@ async fn encap(
     keepalive: Duration,
     session: CancellationToken,
     mut stack: impl PacketStack,
+    gso: Gso,
 ) -> Option<String> {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = BytesMut::new();
     let mut batch = PacketBatch::new();
+    let mut plain = Vec::new();
     let r: Result<(), String> = async {
         loop {
             tokio::select! {
@@ -469,6 +515,15 @@ async fn encap(
                 _ = tick.tick() => tx.feed(Control::Ping(Ping::default()).into()).await.map_err(|e| format!("send: {e}"))?,
                 r = dev.recv_batch(&mut buf, &mut batch) => {
                     r.map_err(|e| format!("TUN read: {e}"))?;
+                    if gso.device && !gso.session {
+                        // The server takes super-packets as their segments.
+                        for p in batch.drain() {
+                            if let Err(e) = sallyport_tun::segment(p, &mut plain) {
+                                tracing::debug!(error = %e, "cannot segment a super-packet");
+                            }
+                        }
+                        batch = PacketBatch::from(std::mem::take(&mut plain));
+                    }
                     let input = std::mem::take(&mut batch);
                     let mut out = stack
                         .ready()
@@ -501,10 +556,12 @@ async fn decap(
     keepalive: Duration,
     session: &CancellationToken,
     mut stack: impl PacketStack,
+    gso: Gso,
 ) -> String {
     let silence = keepalive * 3;
     let mut frames = Vec::with_capacity(MAX_BATCH);
     let mut batch = PacketBatch::new();
+    let mut plain = Vec::new();
     loop {
         frames.clear();
         let r = tokio::select! {
@@ -518,6 +575,15 @@ async fn decap(
         };
         for f in frames.drain(..) {
             match f {
+                Frame::Packet(p) if offload::is_envelope(&p) => {
+                    // Only when agreed, and only well-formed: the device
+                    // trusts what its virtio header says.
+                    match offload::carried(&p) {
+                        Ok(_) if gso.session => batch.push(p),
+                        Ok(_) => tracing::debug!("dropping a super-packet: offload not agreed"),
+                        Err(e) => tracing::debug!(error = %e, "dropping a malformed super-packet"),
+                    }
+                }
                 Frame::Packet(p) => batch.push(p),
                 Frame::Control(b) => match Control::decode(&b) {
                     Ok(Control::Ping(Ping { seq })) => {
@@ -536,8 +602,15 @@ async fn decap(
                 Err(e) => return format!("pipeline: {e}"),
             };
             for p in out.drain() {
-                if let Err(e) = dev.send(&p).await {
-                    tracing::debug!(error = %e, "TUN write failed");
+                if gso.device {
+                    plain.push(p);
+                } else if let Err(e) = sallyport_tun::segment(p, &mut plain) {
+                    tracing::debug!(error = %e, "cannot segment a super-packet");
+                }
+                for p in plain.drain(..) {
+                    if let Err(e) = dev.send(&p).await {
+                        tracing::debug!(error = %e, "TUN write failed");
+                    }
                 }
             }
             batch = out;

@@ -58,6 +58,7 @@ impl Server {
                     mtu: MTU,
                 },
                 compression: true,
+                offload: true,
                 rate_limits: vec![None, slow].into(),
             }),
             _to_tun: rx,
@@ -99,6 +100,7 @@ async fn connect(
         token: Token::new(token),
         client_id: None,
         compression: offer_lz4.then(|| vec!["lz4".into()]),
+        offload: None,
     });
     tunnel.tx.send(hello.into()).await.expect("send auth");
     let resp: AuthResponse = match next_frame(&mut tunnel).await {

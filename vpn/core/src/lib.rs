@@ -11,6 +11,7 @@ pub mod batch;
 pub mod frame;
 pub mod ip;
 pub mod message;
+pub mod offload;
 
 pub use batch::{PacketBatch, MAX_BATCH};
 pub use frame::Frame;

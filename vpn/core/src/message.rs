@@ -64,6 +64,10 @@ pub struct Auth {
     /// Extension: compression algorithms the client offers, e.g. `["lz4"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Vec<String>>,
+    /// Extension: packet offloads the client offers, e.g. `["gso"]`
+    /// (see [`crate::offload`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<Vec<String>>,
 }
 
 /// `{"type":"reconnect","token":...,"previous_ip":...}`.
@@ -79,6 +83,9 @@ pub struct Reconnect {
     /// Extension: see [`Auth::compression`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Vec<String>>,
+    /// Extension: see [`Auth::offload`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<Vec<String>>,
 }
 
 /// `{"type":"auth_response","success":...}`.
@@ -111,6 +118,10 @@ pub struct AuthResponse {
     /// offer (`"lz4"`); absent: none, and packets are raw both ways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// Extension: the offload the server accepted (`"gso"`); absent: none,
+    /// and every packet is a plain IP packet of at most `mtu` bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<String>,
 }
 
 /// The name of lz4 packet compression in `compression` fields.
@@ -217,6 +228,7 @@ mod tests {
             token: Token::new("secret-token-1"),
             client_id: None,
             compression: None,
+            offload: None,
         });
         assert_eq!(
             to_value(&c),
@@ -231,6 +243,7 @@ mod tests {
             previous_ip: Ipv4Addr::new(10, 100, 0, 7),
             client_id: None,
             compression: None,
+            offload: None,
         });
         assert_eq!(
             to_value(&c),
@@ -279,12 +292,14 @@ mod tests {
                 token: Token::new("a"),
                 client_id: Some("c1".into()),
                 compression: Some(vec!["lz4".into()]),
+                offload: None,
             }),
             Control::Reconnect(Reconnect {
                 token: Token::new("a"),
                 previous_ip: Ipv4Addr::new(10, 0, 0, 9),
                 client_id: None,
                 compression: Some(vec![]),
+                offload: None,
             }),
             Control::AuthResponse(AuthResponse {
                 success: false,
@@ -388,6 +403,7 @@ mod tests {
             token: t,
             client_id: None,
             compression: None,
+            offload: None,
         });
         assert!(!format!("{a:?}").contains("hunter2"));
     }

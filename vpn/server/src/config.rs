@@ -160,6 +160,11 @@ pub struct VpnSection {
     /// How often the statistics line is logged (0s: never).
     #[serde(default = "default_stats_interval", with = "humantime_serde")]
     pub stats_interval: Duration,
+    /// Segmentation offload: open the TUN with it and accept clients that
+    /// offer it, so TCP moves as 64 KiB super-packets (PROTOCOL.md §11).
+    /// Needs `limits.max_frame_size` of at least 65539.
+    #[serde(default = "yes")]
+    pub offload: bool,
 }
 
 /// `[auth]`.
@@ -390,7 +395,7 @@ fn default_stats_interval() -> Duration {
     Duration::from_secs(60)
 }
 fn default_max_frame() -> usize {
-    65_535
+    sallyport_core::offload::MAX_ENVELOPE
 }
 fn default_auth_timeout() -> Duration {
     Duration::from_secs(10)

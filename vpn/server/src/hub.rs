@@ -18,6 +18,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use ipnet::Ipv4Net;
 use sallyport_core::ip::IpHeader;
+use sallyport_core::offload;
 use sallyport_core::PacketBatch;
 use sallyport_middleware::{Counters, Direction, DropReason};
 use tokio::sync::mpsc;
@@ -194,7 +195,7 @@ impl Hub {
         let mut to_tun = PacketBatch::new();
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
         for packet in batch.drain() {
-            let dst = match IpHeader::parse(&packet) {
+            let dst = match IpHeader::parse(offload::ip_bytes(&packet)) {
                 Ok(IpHeader::V4(h)) => h.dst,
                 Ok(IpHeader::V6(_)) => {
                     self.drop_packet(Direction::Decap, DropReason::Ipv6);
@@ -222,7 +223,7 @@ impl Hub {
     pub fn route_from_tun(&self, batch: &mut PacketBatch) {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
         for packet in batch.drain() {
-            let dst = match IpHeader::parse(&packet).map(|h| h.dst()) {
+            let dst = match IpHeader::parse(offload::ip_bytes(&packet)).map(|h| h.dst()) {
                 Ok(IpAddr::V4(d)) => d,
                 Ok(IpAddr::V6(_)) => {
                     self.drop_packet(Direction::Encap, DropReason::Ipv6);

@@ -134,7 +134,17 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
         address: cfg.vpn.server_ip,
         prefix: cfg.vpn.subnet.prefix_len(),
         mtu: cfg.vpn.mtu,
+        offload: cfg.vpn.offload,
     })?;
+    let offload =
+        cfg.vpn.offload && cfg.limits.max_frame_size >= sallyport_core::offload::MAX_ENVELOPE;
+    if cfg.vpn.offload && !offload {
+        tracing::warn!(
+            max_frame_size = cfg.limits.max_frame_size,
+            "vpn.offload needs limits.max_frame_size of at least {}: not offered to clients",
+            sallyport_core::offload::MAX_ENVELOPE
+        );
+    }
 
     let (to_tun, from_hub) = mpsc::channel::<PacketBatch>(256);
     let mut pool = IpPool::new(cfg.vpn.subnet, cfg.vpn.server_ip, cfg.vpn.lease_grace)
@@ -164,6 +174,7 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
             mtu: cfg.vpn.mtu,
         },
         compression: cfg.compression.enabled,
+        offload,
         rate_limits: cfg.rate_limits.clone().into(),
     });
     if !cfg.pipeline.anti_spoof {
@@ -302,11 +313,21 @@ async fn tun_reader(tun: TunDevice, hub: Arc<Hub>) -> std::io::Result<()> {
 }
 
 async fn tun_writer(tun: TunDevice, mut rx: mpsc::Receiver<PacketBatch>, hub: Arc<Hub>) {
+    let mut plain = Vec::new();
     while let Some(batch) = rx.recv().await {
         for p in batch {
-            if let Err(e) = tun.send(&p).await {
-                tracing::debug!(error = %e, "TUN write failed");
-                hub.drop_packet(Direction::Decap, DropReason::TunUnavailable);
+            // A device without offload takes super-packets as their segments.
+            if tun.offload() {
+                plain.push(p);
+            } else if let Err(e) = sallyport_tun::segment(p, &mut plain) {
+                tracing::debug!(error = %e, "cannot segment a super-packet");
+                hub.drop_packet(Direction::Decap, DropReason::Malformed);
+            }
+            for p in plain.drain(..) {
+                if let Err(e) = tun.send(&p).await {
+                    tracing::debug!(error = %e, "TUN write failed");
+                    hub.drop_packet(Direction::Decap, DropReason::TunUnavailable);
+                }
             }
         }
     }

@@ -10,6 +10,7 @@ use futures::{SinkExt, StreamExt};
 use sallyport_core::message::{
     offers_lz4, AuthResponse, Control, Ping, Pong, Token, COMPRESSION_LZ4,
 };
+use sallyport_core::offload::{self, OFFLOAD_GSO};
 use sallyport_core::{Frame, PacketBatch, MAX_BATCH};
 use sallyport_middleware::{Counters, Direction, DropReason, MiddlewareError, Rate, StatsHandle};
 use sallyport_transports::{recv_ready, FrameSink, Tunnel};
@@ -41,6 +42,8 @@ pub struct SessionConfig {
     pub pipeline: NewPipeline,
     /// Whether a client's offer of lz4 is accepted.
     pub compression: bool,
+    /// Whether a client's offer of segmentation offload is accepted.
+    pub offload: bool,
     /// The rate limit of each token's sessions, by token index.
     pub rate_limits: Arc<[Option<Rate>]>,
 }
@@ -77,6 +80,7 @@ struct Hello {
     previous: Option<Ipv4Addr>,
     client_id: Option<String>,
     offers_lz4: bool,
+    offers_gso: bool,
 }
 
 async fn run_inner(
@@ -155,6 +159,14 @@ async fn run_inner(
     if compression {
         tracing::info!("lz4 compression negotiated");
     }
+    // Policing drops whole packets: a dropped super-packet would be dozens of
+    // segments lost at once, so rate-limited sessions keep to plain packets.
+    // Compressed sessions too: a compressed frame never states more than the
+    // MTU (PROTOCOL.md §9, §11 [G5]).
+    let gso = cfg.offload && hello.offers_gso && target.rate.is_none() && !compression;
+    if gso {
+        tracing::debug!("segmentation offload negotiated");
+    }
     if let Some(r) = target.rate {
         tracing::debug!(
             bytes_per_sec = r.bytes_per_sec(),
@@ -185,6 +197,7 @@ async fn run_inner(
         keepalive_secs: Some(cfg.keepalive.as_secs().max(1)),
         session_id: Some(id.to_string()),
         compression: compression.then(|| COMPRESSION_LZ4.into()),
+        offload: gso.then(|| OFFLOAD_GSO.into()),
         ..Default::default()
     });
     let started = Instant::now();
@@ -200,10 +213,11 @@ async fn run_inner(
                     cfg.keepalive,
                     cancel.clone(),
                     encap,
+                    gso,
                 )
                 .in_current_span(),
             );
-            let reason = reader(&cfg, &target.stats, decap, tunnel.rx, ctrl_tx, &cancel).await;
+            let reason = reader(&cfg, &target.stats, decap, tunnel.rx, ctrl_tx, &cancel, gso).await;
             cancel.cancel();
             let _ = writer.await;
             reason
@@ -269,15 +283,21 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
         Frame::Packet(_) => return Err(Refusal::PacketBeforeAuth),
         Frame::Control(b) => b,
     };
-    let (token, previous, client_id, offer) = match Control::decode(&bytes) {
+    let (token, previous, client_id, offer, offload) = match Control::decode(&bytes) {
         // A control message of a type this server does not know is still "a
         // first control message of another type" (PROTOCOL.md [H4]).
         Err(sallyport_core::message::MessageError::UnknownType(t)) => {
             return Err(Refusal::NotAuth(t))
         }
         Err(e) => return Err(Refusal::Malformed(e.to_string())),
-        Ok(Control::Auth(a)) => (a.token, None, a.client_id, a.compression),
-        Ok(Control::Reconnect(r)) => (r.token, Some(r.previous_ip), r.client_id, r.compression),
+        Ok(Control::Auth(a)) => (a.token, None, a.client_id, a.compression, a.offload),
+        Ok(Control::Reconnect(r)) => (
+            r.token,
+            Some(r.previous_ip),
+            r.client_id,
+            r.compression,
+            r.offload,
+        ),
         Ok(other) => return Err(Refusal::NotAuth(other.kind().into())),
     };
     let token = check_token(&cfg.credentials, &token).ok_or(Refusal::BadToken)?;
@@ -286,6 +306,7 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
         previous,
         client_id: client_id.filter(|c| !c.is_empty() && c.len() <= 128),
         offers_lz4: offers_lz4(&offer),
+        offers_gso: offload::offers_gso(&offload),
     })
 }
 
@@ -352,6 +373,7 @@ async fn reader<D>(
     mut rx: sallyport_transports::FrameStream,
     ctrl: mpsc::Sender<Control>,
     cancel: &CancellationToken,
+    gso: bool,
 ) -> String
 where
     D: Service<PacketBatch, Response = (), Error = MiddlewareError>,
@@ -373,10 +395,8 @@ where
         let mut batch = PacketBatch::new();
         for f in frames.drain(..) {
             match f {
-                Frame::Packet(p) if p.len() > mtu => {
-                    stats.record_drops(Direction::Decap, DropReason::Malformed, 1)
-                }
-                Frame::Packet(p) => batch.push(p),
+                Frame::Packet(p) if admissible(&p, mtu, gso) => batch.push(p),
+                Frame::Packet(_) => stats.record_drops(Direction::Decap, DropReason::Malformed, 1),
                 Frame::Control(b) => match Control::decode(&b) {
                     Ok(Control::Ping(Ping { seq })) => {
                         let _ = ctrl.try_send(Control::Pong(Pong { seq }));
@@ -408,6 +428,17 @@ where
     }
 }
 
+/// Whether a packet frame from the client may enter the pipeline: a plain
+/// packet within the MTU, or, only with offload agreed, a well-formed
+/// super-packet.
+fn admissible(frame: &[u8], mtu: usize, gso: bool) -> bool {
+    if offload::is_envelope(frame) {
+        gso && offload::carried(frame).is_ok()
+    } else {
+        frame.len() <= mtu
+    }
+}
+
 async fn writer<E>(
     mut tx: FrameSink,
     mut packets: mpsc::Receiver<Bytes>,
@@ -415,12 +446,14 @@ async fn writer<E>(
     keepalive: Duration,
     cancel: CancellationToken,
     mut encap: E,
+    gso: bool,
 ) where
     E: Service<PacketBatch, Response = PacketBatch, Error = MiddlewareError>,
 {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = Vec::with_capacity(MAX_BATCH);
+    let mut plain = Vec::with_capacity(MAX_BATCH);
     let result: Result<(), String> = async {
         loop {
             tokio::select! {
@@ -430,6 +463,15 @@ async fn writer<E>(
                 n = packets.recv_many(&mut buf, MAX_BATCH) => {
                     if n == 0 {
                         break;
+                    }
+                    if !gso {
+                        // This client takes super-packets as their segments.
+                        for p in buf.drain(..) {
+                            if let Err(e) = sallyport_tun::segment(p, &mut plain) {
+                                tracing::debug!(error = %e, "cannot segment a super-packet");
+                            }
+                        }
+                        std::mem::swap(&mut buf, &mut plain);
                     }
                     let batch = PacketBatch::from(std::mem::take(&mut buf));
                     let mut out = encap

@@ -58,6 +58,7 @@ impl Fixture {
                     mtu: 1420,
                 },
                 compression: true,
+                offload: true,
                 rate_limits: vec![None; n].into(),
             }),
             from_hub_to_tun,
@@ -105,6 +106,7 @@ fn auth_as(token: &str, client_id: Option<&str>) -> Control {
         token: Token::new(token),
         client_id: client_id.map(Into::into),
         compression: None,
+        offload: None,
     })
 }
 
@@ -161,6 +163,7 @@ async fn identities_get_their_old_addresses_after_a_restart_in_any_order() {
             previous_ip: old[1],
             client_id: Some("someone-else".into()),
             compression: None,
+            offload: None,
         }))
         .await;
     let stranger = assigned(reply);
@@ -369,6 +372,7 @@ async fn reconnect_gets_the_previous_address_back() {
             previous_ip: ip_a,
             client_id: None,
             compression: None,
+            offload: None,
         }))
         .await;
     match reply {

@@ -17,6 +17,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use sallyport_core::PacketBatch;
 
+#[cfg(target_os = "linux")]
+pub mod offload;
 #[cfg(windows)]
 mod windows;
 
@@ -31,6 +33,9 @@ pub struct TunConfig {
     pub prefix: u8,
     /// Interface MTU.
     pub mtu: u16,
+    /// Ask for segmentation offload (Linux only; see [`offload`]): reads may
+    /// then yield 64 KiB super-packets in envelopes, and writes take them.
+    pub offload: bool,
 }
 
 /// Errors from the device.
@@ -117,6 +122,7 @@ pub struct TunDevice {
     dev: Backend,
     name: Arc<str>,
     mtu: u16,
+    offload: bool,
 }
 
 #[derive(Clone)]
@@ -157,6 +163,7 @@ impl TunDevice {
                 dev: Backend::Null,
                 name: cfg.name.as_str().into(),
                 mtu: cfg.mtu,
+                offload: false,
             })
         }
         #[cfg(not(feature = "test-null-device"))]
@@ -169,11 +176,14 @@ impl TunDevice {
     fn create_os(cfg: &TunConfig) -> Result<Self, TunError> {
         #[cfg(not(windows))]
         let os = {
-            let dev = tun_rs::DeviceBuilder::new()
+            let builder = tun_rs::DeviceBuilder::new()
                 .name(cfg.name.clone())
                 .mtu(cfg.mtu)
                 .ipv4(cfg.address, cfg.prefix, None)
-                .enable(true)
+                .enable(true);
+            #[cfg(target_os = "linux")]
+            let builder = builder.offload(cfg.offload);
+            let dev = builder
                 .build_async()
                 .map_err(|source| create_error(&cfg.name, source))?;
             OsDevice { dev }
@@ -187,17 +197,23 @@ impl TunDevice {
             }
         };
         let name = os.dev.name().unwrap_or_else(|_| cfg.name.clone());
+        #[cfg(target_os = "linux")]
+        let offload = os.dev.tcp_gso();
+        #[cfg(not(target_os = "linux"))]
+        let offload = false;
         tracing::info!(
             interface = %name,
             address = %cfg.address,
             prefix = cfg.prefix,
             mtu = cfg.mtu,
+            offload,
             "inside device up"
         );
         Ok(Self {
             dev: Backend::Os(Arc::new(os)),
             name: name.into(),
             mtu: cfg.mtu,
+            offload,
         })
     }
 
@@ -209,6 +225,13 @@ impl TunDevice {
     /// The MTU set at creation.
     pub fn mtu(&self) -> u16 {
         self.mtu
+    }
+
+    /// Whether the device carries super-packets (Linux segmentation offload).
+    /// Reads then yield envelopes ([`sallyport_core::offload`]) besides plain
+    /// packets, and [`TunDevice::send`] takes both.
+    pub fn offload(&self) -> bool {
+        self.offload
     }
 
     /// Replaces the interface's IPv4 address (and with it the subnet route).
@@ -248,9 +271,16 @@ impl TunDevice {
         }
     }
 
-    /// Writes one packet.
+    /// Writes one packet: a plain IP packet, or on an offload device also an
+    /// envelope (a super-packet).
     pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
         match &self.dev {
+            #[cfg(target_os = "linux")]
+            Backend::Os(os) if self.offload => {
+                let (vnet, ip) = offload::to_device(packet).map_err(offload::invalid)?;
+                let bufs = [io::IoSlice::new(&vnet), io::IoSlice::new(ip)];
+                os.dev.send_vectored(&bufs).await
+            }
             Backend::Os(os) => os.dev.send(packet).await,
             #[cfg(feature = "test-null-device")]
             Backend::Null => Ok(packet.len()),
@@ -267,46 +297,73 @@ impl TunDevice {
 
     /// Awaits the first packet, then takes whatever else is ready, until
     /// `batch` is full. Packets are carved out of `buf`, which is refilled in
-    /// large chunks so that reading does not allocate per packet.
+    /// large chunks so that reading does not allocate per packet; the bytes
+    /// after a packet stay initialised for the next read, so only what packets
+    /// took is zeroed again.
     pub async fn recv_batch(&self, buf: &mut BytesMut, batch: &mut PacketBatch) -> io::Result<()> {
-        let slot = usize::from(self.mtu) + 64;
-        reserve(buf, slot);
-        let n = self.recv_into(buf, slot).await?;
-        batch.push(buf.split_to(n).freeze());
+        let slot = self.read_slot();
+        prepare(buf, slot);
+        let n = self.recv(&mut buf[..slot]).await?;
+        self.take(buf, n, batch);
         while !batch.is_full() {
-            reserve(buf, slot);
-            buf.resize(slot, 0);
+            prepare(buf, slot);
             match self.try_recv(&mut buf[..slot]) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    batch.push(buf.split().freeze());
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    buf.clear();
-                    break;
-                }
-                Err(e) => {
-                    buf.clear();
-                    return Err(e);
-                }
+                Ok(n) => self.take(buf, n, batch),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
             }
         }
         Ok(())
     }
 
-    async fn recv_into(&self, buf: &mut BytesMut, slot: usize) -> io::Result<usize> {
-        buf.resize(slot, 0);
-        let r = self.recv(&mut buf[..slot]).await;
-        match r {
-            Ok(n) => {
-                buf.truncate(n);
-                Ok(n)
-            }
-            Err(e) => {
-                buf.clear();
-                Err(e)
-            }
+    /// Room one read needs: a packet of the MTU, or with offload a 64 KiB
+    /// super-packet behind its virtio header.
+    fn read_slot(&self) -> usize {
+        #[cfg(target_os = "linux")]
+        if self.offload {
+            return offload::VNET_LEN + 65_535;
         }
+        usize::from(self.mtu) + 64
+    }
+
+    /// Moves the `n` bytes just read into `batch`.
+    fn take(&self, buf: &mut BytesMut, n: usize, batch: &mut PacketBatch) {
+        #[cfg(target_os = "linux")]
+        if self.offload {
+            let mut read = buf.split_to(n);
+            match offload::from_device(&mut read) {
+                Ok(range) => batch.push(read.freeze().slice(range)),
+                // The kernel handed out something we cannot describe: drop
+                // it rather than stop reading.
+                Err(e) => tracing::debug!(error = %e, "dropping unreadable offload packet"),
+            }
+            return;
+        }
+        batch.push(buf.split_to(n).freeze());
+    }
+}
+
+/// Cuts a frame into plain IP packets for a peer or device without
+/// segmentation offload: plain packets pass as they are, a super-packet
+/// becomes its segments. Only Linux can cut them; elsewhere a super-packet is
+/// an error (such peers never agree to offload).
+pub fn segment(
+    frame: bytes::Bytes,
+    out: &mut Vec<bytes::Bytes>,
+) -> Result<(), sallyport_core::offload::OffloadError> {
+    #[cfg(target_os = "linux")]
+    {
+        offload::segment(frame, out)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        if sallyport_core::offload::is_envelope(&frame) {
+            return Err(sallyport_core::offload::OffloadError::Malformed(
+                "segmentation offload is not supported on this platform",
+            ));
+        }
+        out.push(frame);
+        Ok(())
     }
 }
 
@@ -322,10 +379,13 @@ fn create_error(name: &str, source: io::Error) -> TunError {
     }
 }
 
-/// Keeps at least `slot` bytes of spare room, allocating a fresh chunk for many
-/// packets at once when the current one runs out.
-fn reserve(buf: &mut BytesMut, slot: usize) {
-    if buf.capacity() - buf.len() < slot {
+/// Makes `buf[..slot]` readable: a fresh chunk for many packets at once when
+/// the current one runs out, and zeroes only for bytes not yet initialised.
+fn prepare(buf: &mut BytesMut, slot: usize) {
+    if buf.capacity() < slot {
         *buf = BytesMut::with_capacity(slot * sallyport_core::MAX_BATCH);
+    }
+    if buf.len() < slot {
+        buf.resize(slot, 0);
     }
 }
