@@ -357,6 +357,7 @@ fn measure(
 
 fn ratio(v: f64, base: Option<f64>) -> String {
     match base {
+        Some(b) if b > 0.0 && v / b < 0.1 => format!("{:.3}", v / b),
         Some(b) if b > 0.0 => format!("{:.2}", v / b),
         _ => "-".into(),
     }
