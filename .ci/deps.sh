@@ -14,6 +14,11 @@ have openssl || need+=(openssl)
 have nginx     || need+=(nginx)
 have tinyproxy || need+=(tinyproxy)
 have curl      || need+=(curl)
+# The benchmark's baselines (benches/e2e): OpenVPN 2.6 and SoftEther VPN 5.
+have openvpn   || need+=(openvpn)
+[ -x /usr/libexec/softether/vpnserver/vpnserver ] || need+=(softether-vpnserver)
+[ -x /usr/libexec/softether/vpnclient/vpnclient ] || need+=(softether-vpnclient)
+[ -x /usr/libexec/softether/vpncmd/vpncmd ]       || need+=(softether-vpncmd)
 # Packaging (packaging/test.sh): the Windows cross build, the MSI, wine, the debs.
 have x86_64-w64-mingw32-gcc || need+=(gcc-mingw-w64-x86-64)
 have wixl       || need+=(wixl)

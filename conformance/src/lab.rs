@@ -566,6 +566,19 @@ impl Lab {
         secs: u32,
         streams: u32,
     ) -> anyhow::Result<f64> {
+        self.iperf3_result(from_ns, to_ns, to_addr, secs, streams)
+            .map(|r| r.bits_per_second)
+    }
+
+    /// As [`Lab::iperf3`], with the bytes the receiver got.
+    pub fn iperf3_result(
+        &mut self,
+        from_ns: &str,
+        to_ns: &str,
+        to_addr: Ipv4Addr,
+        secs: u32,
+        streams: u32,
+    ) -> anyhow::Result<Iperf3Result> {
         let (srv, port) = self.start_iperf3_server(to_ns, to_addr)?;
         let (p, addr) = (port.to_string(), to_addr.to_string());
         let (t, n) = (secs.to_string(), streams.to_string());
@@ -587,7 +600,7 @@ impl Lab {
             ],
         )?;
         self.kill(srv);
-        iperf3_rate(&out.stdout, &out.stderr)
+        iperf3_parse(&out.stdout, &out.stderr)
     }
 
     /// Starts an iperf3 server bound to `to_addr` in `to_ns` for one test on
@@ -616,18 +629,120 @@ impl Lab {
         }
         Ok((srv, port))
     }
+
+    /// Sends `count` pings from `ns` to `dst`, `interval_s` apart; the
+    /// round-trip time of each answer in milliseconds. Fails when none came
+    /// back.
+    pub fn ping_rtts(
+        &self,
+        ns: &str,
+        dst: Ipv4Addr,
+        count: u32,
+        interval_s: f64,
+    ) -> anyhow::Result<Vec<f64>> {
+        let (c, i, d) = (count.to_string(), interval_s.to_string(), dst.to_string());
+        let out = self.exec(ns, &["ping", "-n", "-c", &c, "-i", &i, "-W", "2", &d])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rtts: Vec<f64> = text
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("time=")?.parse().ok())
+            .collect();
+        if rtts.is_empty() {
+            bail!("ping {dst} from {ns}: no answer");
+        }
+        Ok(rtts)
+    }
+
+    /// Starts a Sallyport server on the defaults and a client in each client
+    /// namespace (token 1), waits for every client's tunnel address. `mode`
+    /// fixes the clients' transport; `nginx` puts the documented nginx recipe
+    /// (docs/deploy-nginx.conf) in front of the server.
+    pub fn start_sallyport(
+        &mut self,
+        mode: Option<&str>,
+        nginx: bool,
+    ) -> anyhow::Result<SallyportProcs> {
+        let server_extra = ConfigExtra {
+            server: if nginx {
+                BEHIND_NGINX.into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        };
+        let scfg = self.server_config("server.toml", &server_extra)?;
+        let server = self.start_server(&scfg)?;
+        let nginx = if nginx {
+            let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/deploy-nginx.conf");
+            Some(self.start_nginx(&recipe, true, "60s")?)
+        } else {
+            None
+        };
+        let client_extra = ConfigExtra {
+            transport: mode.map(|m| format!("mode = \"{m}\"")).unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut clients = Vec::new();
+        for i in 0..self.clients {
+            let c = self.client_config(&format!("client{i}.toml"), TOKENS[0], &client_extra)?;
+            clients.push(self.start_client(i, &c)?);
+        }
+        let mut addrs = Vec::new();
+        for i in 0..self.clients {
+            addrs.push(self.wait_client_addr(i, Duration::from_secs(15))?);
+        }
+        Ok(SallyportProcs {
+            server,
+            nginx,
+            clients,
+            addrs,
+        })
+    }
 }
 
-/// The receiver's throughput in bit/s from `iperf3 -J` output.
-fn iperf3_rate(stdout: &[u8], stderr: &[u8]) -> anyhow::Result<f64> {
+/// What [`Lab::iperf3_result`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Iperf3Result {
+    /// The receiver's throughput.
+    pub bits_per_second: f64,
+    /// Bytes the receiver got.
+    pub bytes: u64,
+}
+
+/// The processes and addresses [`Lab::start_sallyport`] set up.
+#[derive(Debug, Clone)]
+pub struct SallyportProcs {
+    /// The server.
+    pub server: ProcId,
+    /// nginx in front of it, if asked for.
+    pub nginx: Option<ProcId>,
+    /// The clients, by index.
+    pub clients: Vec<ProcId>,
+    /// Each client's tunnel address, by index.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// What the receiver got, from `iperf3 -J` output.
+fn iperf3_parse(stdout: &[u8], stderr: &[u8]) -> anyhow::Result<Iperf3Result> {
     let json: serde_json::Value = serde_json::from_slice(stdout)
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(stderr)))?;
     if let Some(e) = json.get("error") {
         bail!("iperf3: {e}");
     }
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 reported no throughput")
+    let received = &json["end"]["sum_received"];
+    Ok(Iperf3Result {
+        bits_per_second: received["bits_per_second"]
+            .as_f64()
+            .context("iperf3 reported no throughput")?,
+        bytes: received["bytes"]
+            .as_u64()
+            .context("iperf3 reported no byte count")?,
+    })
+}
+
+/// The receiver's throughput in bit/s from `iperf3 -J` output.
+fn iperf3_rate(stdout: &[u8], stderr: &[u8]) -> anyhow::Result<f64> {
+    iperf3_parse(stdout, stderr).map(|r| r.bits_per_second)
 }
 
 /// One iperf3 client for [`Lab::iperf3_many`].

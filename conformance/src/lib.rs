@@ -12,7 +12,10 @@
 //! (the suite speaks the protocol with the core's messages and the transports'
 //! dialers): it must not depend on the server's or client's internals.
 
+pub mod baselines;
+pub mod bench;
 pub mod certs;
 pub mod impair;
 pub mod lab;
+pub mod procstat;
 pub mod suite;
