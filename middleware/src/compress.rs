@@ -90,14 +90,14 @@ pub fn compress_packet(packet: &[u8], arena: &mut BytesMut) -> Option<Bytes> {
     Some(arena.split().freeze())
 }
 
-/// The packet inside a frame: `Ok(None)` for a raw packet or a super-packet
-/// (pass it on as it is; whether one was allowed is the session's business), `Ok(Some(packet))` for a compressed one, `Err` for a bad frame.
+/// The packet inside a frame: `Ok(None)` for a raw packet (pass it on as it
+/// is), `Ok(Some(packet))` for a compressed one, `Err` for a bad frame.
 pub fn decompress_packet(
     frame: &[u8],
     mtu: usize,
     arena: &mut BytesMut,
 ) -> Result<Option<Bytes>, CodecError> {
-    if !is_extension(frame) || sallyport_core::offload::is_envelope(frame) {
+    if !is_extension(frame) {
         return Ok(None);
     }
     let Some(&[tag, hi, lo]) = frame.get(..HEADER_LEN) else {
