@@ -13,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,6 +84,7 @@ pub struct Listener {
     local_addr: SocketAddr,
     plain_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    refused: Arc<AtomicU64>,
 }
 
 impl Drop for Listener {
@@ -97,6 +99,7 @@ struct Shared {
     cfg: ListenerConfig,
     tx: mpsc::Sender<Tunnel>,
     pending: Arc<Semaphore>,
+    refused: Arc<AtomicU64>,
 }
 
 impl Listener {
@@ -119,8 +122,10 @@ impl Listener {
         tls.alpn_protocols = alpn_protocols();
         cfg.tls = Arc::new(tls);
         let (tx, tunnels) = mpsc::channel(64);
+        let refused = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(Shared {
             pending: Arc::new(Semaphore::new(cfg.max_pending)),
+            refused: refused.clone(),
             cfg,
             tx,
         });
@@ -137,6 +142,7 @@ impl Listener {
             local_addr,
             plain_addr,
             tasks,
+            refused,
         })
     }
 
@@ -148,6 +154,12 @@ impl Listener {
     /// The bound cleartext address, if any.
     pub fn plain_addr(&self) -> Option<SocketAddr> {
         self.plain_addr
+    }
+
+    /// How many connections were dropped at accept because `max_pending`
+    /// were already in set-up (a live counter, for metrics).
+    pub fn refused_counter(&self) -> Arc<AtomicU64> {
+        self.refused.clone()
     }
 
     /// The next tunnel; `None` once the listener has failed.
@@ -169,6 +181,7 @@ async fn accept_loop(tcp: TcpListener, shared: Arc<Shared>, tls: bool) {
             }
         };
         let Ok(permit) = shared.pending.clone().try_acquire_owned() else {
+            shared.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, limit = shared.cfg.max_pending, "too many connections not yet authenticated, dropping");
             continue;
         };

@@ -198,6 +198,7 @@ impl RealServer {
                 )),
             ]
             .into(),
+            limits: Default::default(),
         });
         let shutdown = CancellationToken::new();
         let tun_hub = hub.clone();

@@ -58,6 +58,7 @@ impl Server {
                 },
                 compression: true,
                 rate_limits: vec![None, slow].into(),
+                limits: Default::default(),
             }),
             _to_tun: rx,
             shutdown: CancellationToken::new(),

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod config;
 pub mod hub;
+pub mod limits;
 pub mod pipeline;
 pub mod pool;
 pub mod session;
@@ -27,7 +28,7 @@ use crate::config::ServerConfig;
 use crate::hub::Hub;
 use crate::pipeline::NewPipeline;
 use crate::pool::IpPool;
-use crate::session::SessionConfig;
+use crate::session::{SessionConfig, SessionLimits};
 use sallyport_middleware::{Direction, DropReason};
 
 /// Why the server could not start or had to stop.
@@ -78,6 +79,24 @@ pub fn check(cfg: &ServerConfig) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit: every session is
+/// a socket, and the usual soft limit of 1024 would cap the server at about
+/// a thousand clients. Returns the soft limit before and after.
+pub fn raise_nofile_limit() -> std::io::Result<(Option<u64>, Option<u64>)> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: before.maximum,
+                maximum: before.maximum,
+            },
+        )?;
+    }
+    Ok((before.current, getrlimit(Resource::Nofile).current))
+}
+
 /// Runs the server until `shutdown` is cancelled, then stops accepting, closes
 /// every session and removes the TUN device.
 pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
@@ -125,7 +144,12 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
 
     let (to_tun, from_hub) = mpsc::channel::<PacketBatch>(256);
     let pool = IpPool::new(cfg.vpn.subnet, cfg.vpn.server_ip, cfg.vpn.lease_grace);
-    let hub = Arc::new(Hub::new(pool, cfg.vpn.subnet, cfg.vpn.server_ip, to_tun));
+    let hub = Arc::new(
+        Hub::new(pool, cfg.vpn.subnet, cfg.vpn.server_ip, to_tun)
+            .with_max_sessions_per_token(cfg.limits.max_sessions_per_token),
+    );
+    hub.limits()
+        .set_listener_refused(listener.refused_counter());
     let session_cfg = Arc::new(SessionConfig {
         tokens: cfg.auth.tokens.clone().into(),
         auth_timeout: cfg.limits.auth_timeout,
@@ -140,6 +164,11 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
         },
         compression: cfg.compression.enabled,
         rate_limits: cfg.rate_limits.clone().into(),
+        limits: SessionLimits::new(
+            cfg.limits.idle_timeout,
+            cfg.limits.auth_failures_per_minute,
+            cfg.limits.max_unauthenticated,
+        ),
     });
     if !cfg.pipeline.anti_spoof {
         tracing::warn!("[pipeline] anti_spoof = false: clients may send from any source address");
