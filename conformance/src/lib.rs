@@ -5,7 +5,7 @@
 //! network-namespace lab (a server namespace and client namespaces on a veth
 //! underlay in 198.18.0.0/15) and runs the real binaries in it; the end-to-end
 //! tests, the demo and the benchmarks use it. [`certs`] makes throwaway
-//! certificates.
+//! certificates. [`load`] is the load generator behind `sallyport-load`.
 //!
 //! This crate talks to the product only over the network and the command line
 //! (the suite speaks the protocol with the core's messages and the transports'
@@ -13,4 +13,5 @@
 
 pub mod certs;
 pub mod lab;
+pub mod load;
 pub mod suite;

@@ -10,6 +10,13 @@
 //! in the same run, each the median of RUNS runs (default 3), printed with the
 //! ratio to the underlay.
 //!
+//! `scale [SESSIONS...] [--transport T] [--traffic-secs S] [--pps P]`: for
+//! each count (default 1000 and 10000), a fresh server on a /16 and
+//! `sallyport-load` in one client namespace opening that many sessions
+//! (without TUN devices), holding them idle, then sending packets between
+//! them through the hub; prints the load generator's report (handshakes/s,
+//! sessions lost, the server's RSS per session and CPU) side by side.
+//!
 //! Needs root. The product's binaries are taken from the directory of this
 //! executable (or `$SALLYPORT_BIN_DIR`).
 
@@ -24,12 +31,16 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
         Some("demo") => demo(),
+        Some("scale") => scale(&args[1..]),
         Some("bench") => bench(
             args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5),
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3),
         ),
         _ => {
-            eprintln!("usage: sallyport-lab demo | bench [SECONDS] [RUNS]");
+            eprintln!(
+                "usage: sallyport-lab demo | bench [SECONDS] [RUNS] | scale [SESSIONS...] \
+                 [--transport tls|h2|wss] [--traffic-secs S] [--pps P] [--concurrency C]"
+            );
             std::process::exit(2);
         }
     };
@@ -188,6 +199,134 @@ fn bench(secs: u32, runs: usize) -> anyhow::Result<()> {
             c / 1e6,
             c / base_c
         );
+    }
+    Ok(())
+}
+
+/// See the module docs.
+fn scale(args: &[String]) -> anyhow::Result<()> {
+    let mut counts = Vec::new();
+    let (mut transport, mut traffic, mut pps, mut concurrency) = ("tls", "5", "2", "128");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().map(String::as_str).context("missing value");
+        match a.as_str() {
+            "--transport" => transport = value()?,
+            "--traffic-secs" => traffic = value()?,
+            "--pps" => pps = value()?,
+            "--concurrency" => concurrency = value()?,
+            n => counts.push(
+                n.parse::<usize>()
+                    .with_context(|| format!("not a count: {n}"))?,
+            ),
+        }
+    }
+    if counts.is_empty() {
+        counts = vec![1000, 10_000];
+    }
+    let mut reports = Vec::new();
+    for &n in &counts {
+        let mut lab = Lab::new("sc", 1)?;
+        let extra = ConfigExtra {
+            vpn: "subnet = \"10.200.0.0/16\"\nserver_ip = \"10.200.0.1\"\nstats_interval = \"0s\""
+                .into(),
+            rest: "[limits]\nmax_unauthenticated = 4096\nmax_sessions_per_token = 0\n\
+                   auth_failures_per_minute = 0\n[logging]\nlevel = \"warn\"\n"
+                .into(),
+            ..Default::default()
+        };
+        let scfg = lab.server_config("server.toml", &extra)?;
+        let server = lab.start_server(&scfg)?;
+        let ns = lab.client_ns(0);
+        let up = sallyport_conformance::lab::wait_for(Duration::from_secs(10), || {
+            lab.exec(
+                &ns,
+                &[
+                    "bash",
+                    "-c",
+                    &format!("echo > /dev/tcp/{SERVER_UNDERLAY}/443"),
+                ],
+            )
+            .ok()
+            .filter(|o| o.status.success())
+        });
+        if up.is_none() {
+            bail!("server did not listen:\n{}", lab.log(server));
+        }
+        let load = lab.bin("sallyport-load");
+        let (url, ca, pid) = (
+            format!("wss://{SERVER_UNDERLAY}:443/tunnel"),
+            lab.certs.ca.display().to_string(),
+            lab.pid(server).to_string(),
+        );
+        let count = n.to_string();
+        eprintln!("scale: {n} sessions over {transport} ...");
+        let out = lab.exec(
+            &ns,
+            &[
+                load.to_string_lossy().as_ref(),
+                "--url",
+                &url,
+                "--ca",
+                &ca,
+                "--token",
+                TOKENS[0],
+                "--transport",
+                transport,
+                "--sessions",
+                &count,
+                "--concurrency",
+                concurrency,
+                "--hold-secs",
+                "5",
+                "--traffic-secs",
+                traffic,
+                "--pps",
+                pps,
+                "--server-pid",
+                &pid,
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.trim().is_empty() {
+            bail!(
+                "sallyport-load printed nothing: {}\nserver log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                lab.log(server)
+            );
+        }
+        reports.push((n, text));
+        lab.signal(server, "TERM");
+        if lab.wait_exit(server, Duration::from_secs(20)).is_none() {
+            lab.kill(server);
+        }
+    }
+    println!("\nscale over {transport} (traffic: {traffic} s at {pps} packets/s per session):");
+    let keys: Vec<String> = reports[0]
+        .1
+        .lines()
+        .filter_map(|l| l.split_once(": ").map(|(k, _)| k.to_string()))
+        .collect();
+    print!("{:<32}", "");
+    for (n, _) in &reports {
+        print!("{:>16}", format!("{n} sessions"));
+    }
+    println!();
+    for k in keys.iter().filter(|k| *k != "first_error") {
+        print!("{k:<32}");
+        for (_, text) in &reports {
+            let v = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+                .unwrap_or("-");
+            print!("{v:>16}");
+        }
+        println!();
+    }
+    for (n, text) in &reports {
+        if let Some(e) = text.lines().find_map(|l| l.strip_prefix("first_error: ")) {
+            println!("{n} sessions: first error: {e}");
+        }
     }
     Ok(())
 }
