@@ -53,6 +53,9 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     /// Most connections allowed between TCP accept and tunnel hand-over.
     pub max_pending: usize,
+    /// Most of those from one source address (0: no per-source limit), so
+    /// one address cannot take every slot (slowloris).
+    pub max_pending_per_source: usize,
     /// Peers whose `X-Forwarded-For` is believed (reverse proxies).
     pub trusted_proxies: Vec<IpNet>,
     /// Served with 200 to GET requests that are not tunnel requests (else 404).
@@ -95,7 +98,59 @@ impl Drop for Listener {
     }
 }
 
+/// Counts of something per source address, with a cap; a [`SourceSlot`]
+/// holds one until dropped.
+#[derive(Debug, Default)]
+pub struct PerSource {
+    max: usize,
+    held: Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+/// One source's slot in a [`PerSource`]; released on drop.
+#[derive(Debug)]
+pub struct SourceSlot {
+    of: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    /// At most `max` per source (0: unlimited).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            held: Mutex::default(),
+        })
+    }
+
+    /// A slot for `ip`, unless it already holds `max`.
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut m = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if self.max != 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            of: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.of.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 struct Shared {
+    per_source: Arc<PerSource>,
     cfg: ListenerConfig,
     tx: mpsc::Sender<Tunnel>,
     pending: Arc<Semaphore>,
@@ -124,6 +179,7 @@ impl Listener {
         let (tx, tunnels) = mpsc::channel(64);
         let refused = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(Shared {
+            per_source: PerSource::new(cfg.max_pending_per_source),
             pending: Arc::new(Semaphore::new(cfg.max_pending)),
             refused: refused.clone(),
             cfg,
@@ -185,10 +241,15 @@ async fn accept_loop(tcp: TcpListener, shared: Arc<Shared>, tls: bool) {
             tracing::warn!(%peer, limit = shared.cfg.max_pending, "too many connections not yet authenticated, dropping");
             continue;
         };
+        let Some(slot) = shared.per_source.try_take(peer.ip()) else {
+            shared.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, limit = shared.cfg.max_pending_per_source, "too many connections not yet authenticated from this address, dropping");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (shared, acceptor) = (shared.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let handover = Handover::new(permit);
+            let handover = Handover::new((permit, slot));
             let r = if tls {
                 handle_tls(stream, peer, acceptor, &shared, handover).await
             } else {
@@ -205,12 +266,12 @@ async fn accept_loop(tcp: TcpListener, shared: Arc<Shared>, tls: bool) {
 /// become a tunnel (after which no handshake deadline applies).
 #[derive(Clone)]
 struct Handover {
-    permit: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    permit: Arc<Mutex<Option<(OwnedSemaphorePermit, SourceSlot)>>>,
     done: Arc<Notify>,
 }
 
 impl Handover {
-    fn new(permit: OwnedSemaphorePermit) -> Self {
+    fn new(permit: (OwnedSemaphorePermit, SourceSlot)) -> Self {
         Self {
             permit: Arc::new(Mutex::new(Some(permit))),
             done: Arc::new(Notify::new()),

@@ -117,6 +117,9 @@ pub struct LimitsSection {
     /// Most connections allowed at once that have not yet authenticated.
     #[serde(default = "default_max_unauthenticated")]
     pub max_unauthenticated: usize,
+    /// Of those, most from one source address (0: no per-source limit).
+    #[serde(default = "default_max_unauthenticated_per_source")]
+    pub max_unauthenticated_per_source: usize,
     /// Packets queued towards one client before further ones are dropped.
     #[serde(default = "default_session_queue")]
     pub session_queue: usize,
@@ -152,6 +155,7 @@ impl Default for LimitsSection {
             max_frame_size: default_max_frame(),
             auth_timeout: default_auth_timeout(),
             max_unauthenticated: default_max_unauthenticated(),
+            max_unauthenticated_per_source: default_max_unauthenticated_per_source(),
             session_queue: default_session_queue(),
             rate_limit_bytes_per_sec: 0,
             rate_limit_burst_bytes: None,
@@ -324,6 +328,9 @@ fn default_auth_timeout() -> Duration {
 }
 fn default_max_unauthenticated() -> usize {
     1024
+}
+fn default_max_unauthenticated_per_source() -> usize {
+    128
 }
 fn default_max_sessions_per_token() -> usize {
     256
@@ -726,6 +733,7 @@ level = "info"
         let c = parse(MINIMAL).expect("minimal");
         assert_eq!(c.limits.max_sessions_per_token, 256);
         assert_eq!(c.limits.auth_failures_per_minute, 30);
+        assert_eq!(c.limits.max_unauthenticated_per_source, 128);
         assert_eq!(c.limits.idle_timeout, None);
         let c = parse(&format!(
             "{MINIMAL}\n[limits]\nmax_sessions_per_token = 0\nauth_failures_per_minute = 5\nidle_timeout = \"10m\"\n"

@@ -123,6 +123,7 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
         max_frame: cfg.limits.max_frame_size,
         handshake_timeout: cfg.limits.auth_timeout,
         max_pending: cfg.limits.max_unauthenticated,
+        max_pending_per_source: cfg.limits.max_unauthenticated_per_source,
     })
     .await
     .map_err(ServerError::Listen)?;
@@ -168,6 +169,7 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
             cfg.limits.idle_timeout,
             cfg.limits.auth_failures_per_minute,
             cfg.limits.max_unauthenticated,
+            cfg.limits.max_unauthenticated_per_source,
         ),
     });
     if !cfg.pipeline.anti_spoof {

@@ -13,6 +13,7 @@ use sallyport_core::message::{
 };
 use sallyport_core::{Frame, PacketBatch, MAX_BATCH};
 use sallyport_middleware::{Counters, Direction, DropReason, MiddlewareError, Rate, StatsHandle};
+use sallyport_transports::listener::PerSource;
 use sallyport_transports::{recv_ready, FrameSink, Tunnel};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, Semaphore};
@@ -59,6 +60,8 @@ pub struct SessionLimits {
     pub auth_throttle: Arc<AuthThrottle>,
     /// Tunnels waiting for their `auth` message (`limits.max_unauthenticated`).
     pub authenticating: Arc<Semaphore>,
+    /// The same per source address (`limits.max_unauthenticated_per_source`).
+    pub authenticating_per_source: Arc<PerSource>,
 }
 
 impl Default for SessionLimits {
@@ -68,6 +71,7 @@ impl Default for SessionLimits {
             idle_timeout: None,
             auth_throttle: Arc::new(AuthThrottle::new(0)),
             authenticating: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            authenticating_per_source: PerSource::new(0),
         }
     }
 }
@@ -78,6 +82,7 @@ impl SessionLimits {
         idle_timeout: Option<Duration>,
         auth_failures_per_minute: u32,
         max_unauthenticated: usize,
+        max_unauthenticated_per_source: usize,
     ) -> Self {
         Self {
             idle_timeout,
@@ -85,6 +90,7 @@ impl SessionLimits {
             authenticating: Arc::new(Semaphore::new(
                 max_unauthenticated.min(Semaphore::MAX_PERMITS),
             )),
+            authenticating_per_source: PerSource::new(max_unauthenticated_per_source),
         }
     }
 }
@@ -138,6 +144,19 @@ async fn run_inner(
         return;
     };
     let source = peer.map(|p| p.ip());
+    let per_source = cfg.limits.authenticating_per_source.clone();
+    let source_slot = match source.map(|ip| per_source.try_take(ip)) {
+        Some(None) => {
+            LimitCounters::hit(&limits.unauthenticated_refused);
+            tracing::warn!(
+                "refused: limits.max_unauthenticated_per_source tunnels from this address \
+                 already waiting for auth"
+            );
+            return;
+        }
+        Some(Some(slot)) => Some(slot),
+        None => None,
+    };
     if let Some(ip) = source {
         if !cfg.limits.auth_throttle.allows(ip, Instant::now()) {
             LimitCounters::hit(&limits.auth_throttled);
@@ -169,7 +188,7 @@ async fn run_inner(
             return;
         }
     };
-    drop(authenticating);
+    drop((authenticating, source_slot));
 
     let cancel = shutdown.child_token();
     let (pkt_tx, pkt_rx) = mpsc::channel::<Bytes>(cfg.queue_len);

@@ -376,7 +376,7 @@ async fn a_token_at_its_session_limit_is_refused_but_its_client_may_replace_its_
 
 #[tokio::test]
 async fn a_source_that_keeps_failing_auth_is_closed_unread_and_others_are_not() {
-    let limits = SessionLimits::new(None, 2, 64);
+    let limits = SessionLimits::new(None, 2, 64, 0);
     let mut f = Fixture::with_limits(0, limits);
     let bad: std::net::SocketAddr = "198.18.0.10:40000".parse().expect("addr");
     let good: std::net::SocketAddr = "198.18.0.11:40000".parse().expect("addr");
@@ -409,7 +409,7 @@ async fn a_source_that_keeps_failing_auth_is_closed_unread_and_others_are_not() 
 
 #[tokio::test]
 async fn tunnels_waiting_for_auth_are_bounded_by_max_unauthenticated() {
-    let mut f = Fixture::with_limits(0, SessionLimits::new(None, 0, 2));
+    let mut f = Fixture::with_limits(0, SessionLimits::new(None, 0, 2, 0));
     let _silent1 = f.open();
     let _silent2 = f.open();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -427,7 +427,7 @@ async fn tunnels_waiting_for_auth_are_bounded_by_max_unauthenticated() {
 #[tokio::test]
 async fn an_idle_session_is_closed_while_pings_alone_do_not_keep_it_and_packets_do() {
     let idle = Duration::from_millis(400);
-    let mut f = Fixture::with_limits(0, SessionLimits::new(Some(idle), 0, 64));
+    let mut f = Fixture::with_limits(0, SessionLimits::new(Some(idle), 0, 64, 0));
     let (mut quiet, _) = f.authed().await;
     let (mut busy, ip_busy) = f.authed().await;
     let started = std::time::Instant::now();
@@ -467,4 +467,19 @@ async fn an_idle_session_is_closed_while_pings_alone_do_not_keep_it_and_packets_
         1
     );
     assert_eq!(f.hub.sessions(), 1, "the busy session is still there");
+}
+
+#[tokio::test]
+async fn one_source_cannot_take_every_slot_waiting_for_auth() {
+    let mut f = Fixture::with_limits(0, SessionLimits::new(None, 0, 64, 2));
+    let greedy: std::net::SocketAddr = "198.18.0.10:40000".parse().expect("addr");
+    let other: std::net::SocketAddr = "198.18.0.11:40000".parse().expect("addr");
+    let _silent1 = f.open_from(Some(greedy));
+    let _silent2 = f.open_from(Some(greedy));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut third = f.open_from(Some(greedy));
+    assert_eq!(next_frame(&mut third).await, None, "closed unread");
+    let mut t = f.open_from(Some(other));
+    t.tx.send(auth("good").into()).await.expect("send");
+    assert!(matches!(next_control(&mut t).await, Control::AuthResponse(r) if r.success));
 }
