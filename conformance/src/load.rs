@@ -444,3 +444,141 @@ pub fn trust(ca: Option<PathBuf>, insecure: bool) -> ClientTrust {
         ca_file: ca,
     }
 }
+
+/// A slowloris flood: connections that never authenticate.
+#[derive(Debug, Clone)]
+pub struct FloodConfig {
+    /// The server's TLS port.
+    pub url: String,
+    /// How to verify the server (for the connections that do TLS).
+    pub trust: ClientTrust,
+    /// Connections to open: a third send nothing after TCP, a third send one
+    /// byte a second, a third complete TLS (raw ALPN) and then send nothing.
+    pub connections: usize,
+    /// How long to wait for the server to close them all.
+    pub wait: Duration,
+}
+
+/// What the server did with the flood.
+#[derive(Debug, Clone, Default)]
+pub struct FloodReport {
+    /// Connections attempted.
+    pub connections: usize,
+    /// Closed by the server within 200 ms of opening (refused at accept; a
+    /// refusal after a wait in the server's accept backlog counts as timed out).
+    pub refused: usize,
+    /// Closed by the server later (timed out).
+    pub timed_out: usize,
+    /// Still open when the wait ended.
+    pub still_open: usize,
+    /// Could not connect at all.
+    pub connect_failed: usize,
+    /// The longest time a connection was held open by the server.
+    pub longest_held: Duration,
+}
+
+impl FloodReport {
+    /// The report as `key: value` lines.
+    pub fn lines(&self) -> String {
+        format!(
+            "flood_connections: {}\nflood_refused: {}\nflood_timed_out: {}\nflood_still_open: {}\n\
+             flood_connect_failed: {}\nflood_longest_held_s: {:.2}\n",
+            self.connections,
+            self.refused,
+            self.timed_out,
+            self.still_open,
+            self.connect_failed,
+            self.longest_held.as_secs_f64()
+        )
+    }
+}
+
+enum Held {
+    Refused,
+    TimedOut(Duration),
+    StillOpen,
+    ConnectFailed,
+}
+
+async fn hold_open(connector: Arc<Connector>, kind: usize, wait: Duration) -> Held {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t0 = Instant::now();
+    let addr = format!("{}:{}", connector.host, connector.port);
+    let mut io: sallyport_transports::connect::BoxIo = if kind == 2 {
+        match connector.connect(sallyport_transports::raw::ALPN).await {
+            Ok((io, _, _)) => io,
+            // Dropped at accept shows up as a failed handshake.
+            Err(_) if t0.elapsed() < Duration::from_millis(200) => return Held::Refused,
+            Err(_) => return Held::TimedOut(t0.elapsed()),
+        }
+    } else {
+        match tokio::net::TcpStream::connect(&addr).await {
+            Ok(s) => Box::new(s),
+            Err(_) => return Held::ConnectFailed,
+        }
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut drip = tokio::time::interval(Duration::from_secs(1));
+    let mut buf = [0u8; 256];
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Held::StillOpen,
+            r = io.read(&mut buf) => match r {
+                Ok(n) if n > 0 => continue,
+                _ => break,
+            },
+            _ = drip.tick(), if kind == 1 => {
+                // The first byte of a TLS record, one at a time.
+                if io.write_all(&[0x16]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let held = t0.elapsed();
+    if held < Duration::from_millis(200) {
+        Held::Refused
+    } else {
+        Held::TimedOut(held)
+    }
+}
+
+/// Opens the flood at once and waits until the server has closed every
+/// connection or `wait` has passed.
+pub async fn flood(cfg: FloodConfig) -> anyhow::Result<FloodReport> {
+    let ep = Endpoint::parse(&cfg.url)?;
+    let mut tls = sallyport_transports::tls::client_config(&cfg.trust, &[])?;
+    tls.resumption = rustls::client::Resumption::disabled();
+    let connector = Arc::new(Connector::new(
+        ep.host.clone(),
+        ep.port,
+        None,
+        Some((Arc::new(tls), ep.host.clone())),
+    )?);
+    let mut set = JoinSet::new();
+    // Over about a second: all at once would overflow the server's accept
+    // backlog, and the kernel would leave some connections half-open on this
+    // side only, which tests nothing about the server.
+    for i in 0..cfg.connections {
+        set.spawn(hold_open(connector.clone(), i % 3, cfg.wait));
+        if i % 4 == 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let mut r = FloodReport {
+        connections: cfg.connections,
+        ..Default::default()
+    };
+    while let Some(h) = set.join_next().await {
+        match h {
+            Ok(Held::Refused) => r.refused += 1,
+            Ok(Held::TimedOut(d)) => {
+                r.timed_out += 1;
+                r.longest_held = r.longest_held.max(d);
+            }
+            Ok(Held::StillOpen) => r.still_open += 1,
+            Ok(Held::ConnectFailed) | Err(_) => r.connect_failed += 1,
+        }
+    }
+    Ok(r)
+}

@@ -52,6 +52,12 @@ struct Args {
     /// The server's PID (for RSS and CPU time from /proc).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Instead of sessions: a slowloris flood of this many connections that
+    /// never authenticate (a third silent after TCP, a third sending a byte a
+    /// second, a third silent after TLS); waits --hold-secs for the server to
+    /// close them all, reports how, and fails if any is still open.
+    #[arg(long)]
+    slowloris: Option<usize>,
     /// Seconds allowed for one session's connect and handshake.
     #[arg(long, default_value_t = 30.0)]
     timeout_secs: f64,
@@ -96,6 +102,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(connections) = args.slowloris {
+        let flood = load::FloodConfig {
+            url: cfg.url,
+            trust: cfg.trust,
+            connections,
+            wait: cfg.hold,
+        };
+        return match rt.block_on(load::flood(flood)) {
+            Ok(r) => {
+                print!("{}", r.lines());
+                if r.still_open == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("sallyport-load: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(load::run(cfg)) {
         Ok(report) => {
             print!("{}", report.lines());
