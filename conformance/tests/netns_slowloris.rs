@@ -40,19 +40,9 @@ fn a_slowloris_flood_is_bounded_and_timed_out_while_a_real_client_connects_and_p
     let server = lab.start_server(&scfg).expect("server");
     let pid = lab.pid(server);
     let ns_flood = lab.client_ns(0);
-    let listening = sallyport_conformance::lab::wait_for(Duration::from_secs(10), || {
-        lab.exec(
-            &ns_flood,
-            &[
-                "bash",
-                "-c",
-                &format!("echo > /dev/tcp/{SERVER_UNDERLAY}/443"),
-            ],
-        )
-        .ok()
-        .filter(|o| o.status.success())
-    });
-    assert!(listening.is_some(), "server listens:\n{}", lab.log(server));
+    if let Err(e) = lab.wait_server_listening(&ns_flood, Duration::from_secs(10)) {
+        panic!("{e:#}\n{}", lab.log(server));
+    }
     let before = ProcSample::read(pid).expect("server /proc");
 
     // The flood waits up to 3 auth timeouts for the server to close it all.

@@ -238,20 +238,8 @@ fn scale(args: &[String]) -> anyhow::Result<()> {
         let scfg = lab.server_config("server.toml", &extra)?;
         let server = lab.start_server(&scfg)?;
         let ns = lab.client_ns(0);
-        let up = sallyport_conformance::lab::wait_for(Duration::from_secs(10), || {
-            lab.exec(
-                &ns,
-                &[
-                    "bash",
-                    "-c",
-                    &format!("echo > /dev/tcp/{SERVER_UNDERLAY}/443"),
-                ],
-            )
-            .ok()
-            .filter(|o| o.status.success())
-        });
-        if up.is_none() {
-            bail!("server did not listen:\n{}", lab.log(server));
+        if let Err(e) = lab.wait_server_listening(&ns, Duration::from_secs(10)) {
+            bail!("{e:#}\n{}", lab.log(server));
         }
         let load = lab.bin("sallyport-load");
         let (url, ca, pid) = (

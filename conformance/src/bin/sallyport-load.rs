@@ -109,25 +109,24 @@ fn main() -> ExitCode {
             connections,
             wait: cfg.hold,
         };
-        return match rt.block_on(load::flood(flood)) {
-            Ok(r) => {
-                print!("{}", r.lines());
-                if r.still_open == 0 {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            }
-            Err(e) => {
-                eprintln!("sallyport-load: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        let r = rt
+            .block_on(load::flood(flood))
+            .map(|r| (r.lines(), r.still_open == 0));
+        return finish(r);
     }
-    match rt.block_on(load::run(cfg)) {
-        Ok(report) => {
-            print!("{}", report.lines());
-            if report.established == report.sessions && report.lost == 0 {
+    let r = rt.block_on(load::run(cfg)).map(|r| {
+        let ok = r.established == r.sessions && r.lost == 0;
+        (r.lines(), ok)
+    });
+    finish(r)
+}
+
+/// Prints the report; success only when it says all went well.
+fn finish(r: anyhow::Result<(String, bool)>) -> ExitCode {
+    match r {
+        Ok((lines, ok)) => {
+            print!("{lines}");
+            if ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
