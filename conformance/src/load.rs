@@ -341,56 +341,54 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     let live = Arc::new(Live::default());
     let (phase_tx, phase_rx) = watch::channel(Phase::Hold);
     let gate = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-    let mut opening = JoinSet::new();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut running = JoinSet::new();
+    let mut peers = Vec::with_capacity(cfg.sessions);
     let t0 = Instant::now();
     for id in 0..cfg.sessions {
         let permit = gate.clone().acquire_owned().await?;
-        let (dialer, cfg) = (dialer.clone(), cfg.clone());
-        opening.spawn(async move {
+        let (peer_tx, peer_rx) = watch::channel(None);
+        peers.push(peer_tx);
+        let (dialer, cfg, live) = (dialer.clone(), cfg.clone(), live.clone());
+        let (done, phase) = (done_tx.clone(), phase_rx.clone());
+        // Each session is driven (pings answered) from the moment it is
+        // open, however long the others take.
+        running.spawn(async move {
             let r = tokio::time::timeout(cfg.timeout, open(&*dialer, &cfg.token, id))
                 .await
                 .unwrap_or_else(|_| Err("timed out".into()));
             drop(permit);
-            r
+            match r {
+                Ok((t, ip)) => {
+                    let _ = done.send((id, Ok(ip)));
+                    drive(t, ip, peer_rx, phase, cfg, live).await;
+                }
+                Err(e) => {
+                    let _ = done.send((id, Err(e)));
+                }
+            }
         });
     }
-    // Each session's peer (the next one's address) is known once all are open.
-    let mut established = Vec::new();
-    while let Some(r) = opening.join_next().await {
+    drop(done_tx);
+    let mut addrs = Vec::new();
+    while let Some((id, r)) = done_rx.recv().await {
         match r {
-            Ok(Ok(s)) => established.push(s),
-            Ok(Err(e)) => {
-                report.failed += 1;
-                report.first_error.get_or_insert(e);
-            }
+            Ok(ip) => addrs.push((id, ip)),
             Err(e) => {
                 report.failed += 1;
-                report.first_error.get_or_insert(e.to_string());
+                report.first_error.get_or_insert(e);
             }
         }
     }
     report.connect_time = t0.elapsed();
-    report.established = established.len();
-    report.handshakes_per_s = established.len() as f64 / report.connect_time.as_secs_f64();
+    report.established = addrs.len();
+    report.handshakes_per_s = addrs.len() as f64 / report.connect_time.as_secs_f64();
     let connected = sample(cfg.server_pid);
-
-    let addrs: Vec<Ipv4Addr> = established.iter().map(|(_, ip)| *ip).collect();
-    let mut running = JoinSet::new();
-    let mut peers = Vec::new();
-    for (i, (t, me)) in established.into_iter().enumerate() {
-        let (ptx, prx) = watch::channel(None);
-        peers.push((ptx, addrs[(i + 1) % addrs.len()]));
-        running.spawn(drive(
-            t,
-            me,
-            prx,
-            phase_rx.clone(),
-            cfg.clone(),
-            live.clone(),
-        ));
-    }
-    for (ptx, peer) in peers {
-        let _ = ptx.send(Some(peer));
+    // Each session sends to the next one's address.
+    addrs.sort_unstable();
+    for (k, (id, _)) in addrs.iter().enumerate() {
+        let next = addrs[(k + 1) % addrs.len()].1;
+        let _ = peers[*id].send(Some(next));
     }
     tokio::time::sleep(cfg.hold).await;
     let held = sample(cfg.server_pid);
