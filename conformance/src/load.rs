@@ -361,6 +361,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
             match r {
                 Ok((t, ip)) => {
                     let _ = done.send((id, Ok(ip)));
+                    drop(done);
                     drive(t, ip, peer_rx, phase, cfg, live).await;
                 }
                 Err(e) => {
@@ -371,7 +372,10 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     }
     drop(done_tx);
     let mut addrs = Vec::new();
-    while let Some((id, r)) = done_rx.recv().await {
+    for _ in 0..cfg.sessions {
+        let Some((id, r)) = done_rx.recv().await else {
+            break;
+        };
         match r {
             Ok(ip) => addrs.push((id, ip)),
             Err(e) => {
