@@ -151,6 +151,7 @@ impl Drop for SourceSlot {
 
 struct Shared {
     per_source: Arc<PerSource>,
+    unlimited: Arc<PerSource>,
     cfg: ListenerConfig,
     tx: mpsc::Sender<Tunnel>,
     pending: Arc<Semaphore>,
@@ -180,6 +181,7 @@ impl Listener {
         let refused = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(Shared {
             per_source: PerSource::new(cfg.max_pending_per_source),
+            unlimited: PerSource::new(0),
             pending: Arc::new(Semaphore::new(cfg.max_pending)),
             refused: refused.clone(),
             cfg,
@@ -241,7 +243,19 @@ async fn accept_loop(tcp: TcpListener, shared: Arc<Shared>, tls: bool) {
             tracing::warn!(%peer, limit = shared.cfg.max_pending, "too many connections not yet authenticated, dropping");
             continue;
         };
-        let Some(slot) = shared.per_source.try_take(peer.ip()) else {
+        // A trusted reverse proxy speaks for many clients: no per-source cap
+        // on it (the session applies one to the forwarded address).
+        let source_limit = if shared
+            .cfg
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer.ip()))
+        {
+            &shared.unlimited
+        } else {
+            &shared.per_source
+        };
+        let Some(slot) = source_limit.try_take(peer.ip()) else {
             shared.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, limit = shared.cfg.max_pending_per_source, "too many connections not yet authenticated from this address, dropping");
             continue;
