@@ -432,6 +432,20 @@ impl Lab {
         )
     }
 
+    /// Waits until the server's TLS port accepts TCP from namespace `ns`.
+    pub fn wait_server_listening(&self, ns: &str, timeout: Duration) -> anyhow::Result<()> {
+        let probe = format!("echo > /dev/tcp/{SERVER_UNDERLAY}/443");
+        wait_for(timeout, || {
+            self.exec(ns, &["bash", "-c", &probe])
+                .ok()
+                .filter(|o| o.status.success())
+        })
+        .map(|_| ())
+        .with_context(|| {
+            format!("server not listening on {SERVER_UNDERLAY}:443 within {timeout:?}")
+        })
+    }
+
     /// Starts a client in client namespace `i`.
     pub fn start_client(&mut self, i: usize, config: &Path) -> anyhow::Result<ProcId> {
         let ns = self.client_ns(i);

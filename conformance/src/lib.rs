@@ -7,6 +7,7 @@
 //! tests, the demo and the benchmarks use it. [`certs`] makes throwaway
 //! certificates. [`impair`] delays and drops packets in a lab's router
 //! namespace (the `sallyport-impair` binary), where `tc netem` is missing.
+//! [`load`] is the load generator behind `sallyport-load`.
 //!
 //! This crate talks to the product only over the network and the command line
 //! (the suite speaks the protocol with the core's messages and the transports'
@@ -17,5 +18,6 @@ pub mod bench;
 pub mod certs;
 pub mod impair;
 pub mod lab;
+pub mod load;
 pub mod procstat;
 pub mod suite;

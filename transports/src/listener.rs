@@ -13,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +53,9 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     /// Most connections allowed between TCP accept and tunnel hand-over.
     pub max_pending: usize,
+    /// Most of those from one source address (0: no per-source limit), so
+    /// one address cannot take every slot (slowloris).
+    pub max_pending_per_source: usize,
     /// Peers whose `X-Forwarded-For` is believed (reverse proxies).
     pub trusted_proxies: Vec<IpNet>,
     /// Served with 200 to GET requests that are not tunnel requests (else 404).
@@ -83,6 +87,7 @@ pub struct Listener {
     local_addr: SocketAddr,
     plain_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    refused: Arc<AtomicU64>,
 }
 
 impl Drop for Listener {
@@ -93,10 +98,64 @@ impl Drop for Listener {
     }
 }
 
+/// Counts of something per source address, with a cap; a [`SourceSlot`]
+/// holds one until dropped.
+#[derive(Debug, Default)]
+pub struct PerSource {
+    max: usize,
+    held: Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+/// One source's slot in a [`PerSource`]; released on drop.
+#[derive(Debug)]
+pub struct SourceSlot {
+    of: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    /// At most `max` per source (0: unlimited).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            held: Mutex::default(),
+        })
+    }
+
+    /// A slot for `ip`, unless it already holds `max`.
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut m = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if self.max != 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            of: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.of.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 struct Shared {
+    per_source: Arc<PerSource>,
+    unlimited: Arc<PerSource>,
     cfg: ListenerConfig,
     tx: mpsc::Sender<Tunnel>,
     pending: Arc<Semaphore>,
+    refused: Arc<AtomicU64>,
 }
 
 impl Listener {
@@ -119,8 +178,12 @@ impl Listener {
         tls.alpn_protocols = alpn_protocols();
         cfg.tls = Arc::new(tls);
         let (tx, tunnels) = mpsc::channel(64);
+        let refused = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(Shared {
+            per_source: PerSource::new(cfg.max_pending_per_source),
+            unlimited: PerSource::new(0),
             pending: Arc::new(Semaphore::new(cfg.max_pending)),
+            refused: refused.clone(),
             cfg,
             tx,
         });
@@ -137,6 +200,7 @@ impl Listener {
             local_addr,
             plain_addr,
             tasks,
+            refused,
         })
     }
 
@@ -148,6 +212,12 @@ impl Listener {
     /// The bound cleartext address, if any.
     pub fn plain_addr(&self) -> Option<SocketAddr> {
         self.plain_addr
+    }
+
+    /// How many connections were dropped at accept because `max_pending`
+    /// were already in set-up (a live counter, for metrics).
+    pub fn refused_counter(&self) -> Arc<AtomicU64> {
+        self.refused.clone()
     }
 
     /// The next tunnel; `None` once the listener has failed.
@@ -169,13 +239,31 @@ async fn accept_loop(tcp: TcpListener, shared: Arc<Shared>, tls: bool) {
             }
         };
         let Ok(permit) = shared.pending.clone().try_acquire_owned() else {
+            shared.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, limit = shared.cfg.max_pending, "too many connections not yet authenticated, dropping");
+            continue;
+        };
+        // A trusted reverse proxy speaks for many clients: no per-source cap
+        // on it (the session applies one to the forwarded address).
+        let source_limit = if shared
+            .cfg
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer.ip()))
+        {
+            &shared.unlimited
+        } else {
+            &shared.per_source
+        };
+        let Some(slot) = source_limit.try_take(peer.ip()) else {
+            shared.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, limit = shared.cfg.max_pending_per_source, "too many connections not yet authenticated from this address, dropping");
             continue;
         };
         let _ = stream.set_nodelay(true);
         let (shared, acceptor) = (shared.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let handover = Handover::new(permit);
+            let handover = Handover::new((permit, slot));
             let r = if tls {
                 handle_tls(stream, peer, acceptor, &shared, handover).await
             } else {
@@ -192,12 +280,12 @@ async fn accept_loop(tcp: TcpListener, shared: Arc<Shared>, tls: bool) {
 /// become a tunnel (after which no handshake deadline applies).
 #[derive(Clone)]
 struct Handover {
-    permit: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    permit: Arc<Mutex<Option<(OwnedSemaphorePermit, SourceSlot)>>>,
     done: Arc<Notify>,
 }
 
 impl Handover {
-    fn new(permit: OwnedSemaphorePermit) -> Self {
+    fn new(permit: (OwnedSemaphorePermit, SourceSlot)) -> Self {
         Self {
             permit: Arc::new(Mutex::new(Some(permit))),
             done: Arc::new(Notify::new()),

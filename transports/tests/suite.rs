@@ -82,6 +82,7 @@ async fn setup_with(plain: bool, static_page: Option<&'static str>) -> Setup {
         max_frame: 65_535,
         handshake_timeout: Duration::from_secs(5),
         max_pending: 16,
+        max_pending_per_source: 0,
         trusted_proxies: vec![],
         static_page: static_page.map(|p| Bytes::from_static(p.as_bytes())),
     })

@@ -371,6 +371,18 @@ pub static NOT_CHECKED: &[(&str, &str)] = &[
         "needs a server restart, which a client cannot cause (the project's netns tests restart the real server: conformance/tests/netns_identity.rs)",
     ),
     (
+        "H6",
+        "depends on the server's limits.max_sessions_per_token, which a client cannot know; vpn/server/tests/hub_memory.rs checks it against the real session code",
+    ),
+    (
+        "H7",
+        "would throttle the suite's own source address for the rest of the run; vpn/server/tests/hub_memory.rs checks it against the real session code",
+    ),
+    (
+        "K3",
+        "depends on the server's limits.idle_timeout (unset by default); vpn/server/tests/hub_memory.rs checks it against the real session code",
+    ),
+    (
         "P2",
         "is what a client does with its own TUN device; a suite that tests servers has no client to watch",
     ),

@@ -92,6 +92,7 @@ pub async fn listener(certs: &Certs) -> Listener {
         max_frame: MAX_FRAME,
         handshake_timeout: Duration::from_secs(5),
         max_pending: 1024,
+        max_pending_per_source: 0,
     })
     .await
     .expect("bind")
@@ -199,6 +200,7 @@ impl RealServer {
                 )),
             ]
             .into(),
+            limits: Default::default(),
         });
         let shutdown = CancellationToken::new();
         let tun_hub = hub.clone();

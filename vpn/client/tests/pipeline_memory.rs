@@ -60,6 +60,7 @@ impl Server {
                 compression: true,
                 offload: true,
                 rate_limits: vec![None, slow].into(),
+                limits: Default::default(),
             }),
             _to_tun: rx,
             shutdown: CancellationToken::new(),

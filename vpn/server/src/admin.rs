@@ -171,6 +171,11 @@ pub fn render_metrics(hub: &Hub, per_session: bool) -> String {
     );
     let _ = writeln!(out, "sallyport_sessions {}", hub.sessions());
     counter_families(&mut out, "sallyport_", &[(String::new(), hub.stats())]);
+    for (name, text, value) in hub.limits().series() {
+        let full = format!("sallyport_{name}");
+        help(&mut out, &full, "counter", text);
+        let _ = writeln!(out, "{full} {value}");
+    }
     if per_session {
         let sessions = hub.session_meta();
         let sets: Vec<(String, &Counters)> = sessions
@@ -258,7 +263,13 @@ mod tests {
         let h = hub();
         h.stats().record_packets(Direction::Decap, 3, 300);
         h.drop_packet(Direction::Decap, DropReason::Spoofed);
+        crate::limits::LimitCounters::hit(&h.limits().idle_closed);
         let m = render_metrics(&h, false);
+        assert!(m.contains("sallyport_limit_idle_closed_total 1\n"), "{m}");
+        assert!(
+            m.contains("sallyport_limit_token_sessions_refused_total 0\n"),
+            "{m}"
+        );
         assert!(
             m.contains("sallyport_packets_total{direction=\"decap\"} 3\n"),
             "{m}"

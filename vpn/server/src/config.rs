@@ -205,6 +205,9 @@ pub struct LimitsSection {
     /// Most connections allowed at once that have not yet authenticated.
     #[serde(default = "default_max_unauthenticated")]
     pub max_unauthenticated: usize,
+    /// Of those, most from one source address (0: no per-source limit).
+    #[serde(default = "default_max_unauthenticated_per_source")]
+    pub max_unauthenticated_per_source: usize,
     /// Packets queued towards one client before further ones are dropped.
     #[serde(default = "default_session_queue")]
     pub session_queue: usize,
@@ -219,6 +222,19 @@ pub struct LimitsSection {
     /// Overrides of the rate limit for single tokens.
     #[serde(default)]
     pub per_token: Vec<PerTokenLimit>,
+    /// Most sessions at once per token (0: unlimited). A client's new
+    /// session that replaces its own stale one is always allowed.
+    #[serde(default = "default_max_sessions_per_token")]
+    pub max_sessions_per_token: usize,
+    /// Failed authentications allowed per source address per minute (as a
+    /// token bucket with that burst); beyond it, connections from that
+    /// address are closed unread (0: no throttle).
+    #[serde(default = "default_auth_failures_per_minute")]
+    pub auth_failures_per_minute: u32,
+    /// Close a session that carried no packet either way for this long
+    /// (keepalive pings do not count). Unset: never.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for LimitsSection {
@@ -227,10 +243,14 @@ impl Default for LimitsSection {
             max_frame_size: default_max_frame(),
             auth_timeout: default_auth_timeout(),
             max_unauthenticated: default_max_unauthenticated(),
+            max_unauthenticated_per_source: default_max_unauthenticated_per_source(),
             session_queue: default_session_queue(),
             rate_limit_bytes_per_sec: 0,
             rate_limit_burst_bytes: None,
             per_token: Vec::new(),
+            max_sessions_per_token: default_max_sessions_per_token(),
+            auth_failures_per_minute: default_auth_failures_per_minute(),
+            idle_timeout: None,
         }
     }
 }
@@ -402,6 +422,15 @@ fn default_auth_timeout() -> Duration {
 }
 fn default_max_unauthenticated() -> usize {
     1024
+}
+fn default_max_unauthenticated_per_source() -> usize {
+    128
+}
+fn default_max_sessions_per_token() -> usize {
+    256
+}
+fn default_auth_failures_per_minute() -> u32 {
+    30
 }
 fn default_session_queue() -> usize {
     1024
@@ -612,6 +641,12 @@ impl ServerConfig {
             return Err(invalid(
                 "limits",
                 "max_unauthenticated and session_queue must be positive".into(),
+            ));
+        }
+        if raw.limits.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(invalid(
+                "limits.idle_timeout",
+                "must be positive; leave it out to never close idle sessions".into(),
             ));
         }
         let l = &raw.limits;
@@ -856,6 +891,24 @@ level = "info"
             let e = err(&format!("{MINIMAL}[{section}]\n{key} = true"));
             assert!(e.contains(key) && e.contains("server.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn connection_limits_have_safe_defaults_and_parse() {
+        let c = parse(MINIMAL).expect("minimal");
+        assert_eq!(c.limits.max_sessions_per_token, 256);
+        assert_eq!(c.limits.auth_failures_per_minute, 30);
+        assert_eq!(c.limits.max_unauthenticated_per_source, 128);
+        assert_eq!(c.limits.idle_timeout, None);
+        let c = parse(&format!(
+            "{MINIMAL}\n[limits]\nmax_sessions_per_token = 0\nauth_failures_per_minute = 5\nidle_timeout = \"10m\"\n"
+        ))
+        .expect("limits");
+        assert_eq!(c.limits.max_sessions_per_token, 0);
+        assert_eq!(c.limits.auth_failures_per_minute, 5);
+        assert_eq!(c.limits.idle_timeout, Some(Duration::from_secs(600)));
+        let e = err(&format!("{MINIMAL}\n[limits]\nidle_timeout = \"0s\"\n"));
+        assert!(e.contains("limits.idle_timeout"), "{e}");
     }
 
     #[test]

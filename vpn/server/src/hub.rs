@@ -24,7 +24,34 @@ use sallyport_middleware::{Counters, Direction, DropReason};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::limits::{LimitCounters, TokenSessions};
 use crate::pool::{Exhausted, Grant, IpPool, Owner};
+
+/// Why a session could not be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// No free address.
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
+    /// The token already has as many sessions as it may.
+    #[error("token already has {live} sessions (limits.max_sessions_per_token = {max})")]
+    TokenLimit {
+        /// Its sessions now.
+        live: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl RegisterError {
+    /// The `error` reason sent to the client.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RegisterError::Exhausted(_) => "pool_exhausted",
+            RegisterError::TokenLimit { .. } => "too_many_sessions",
+        }
+    }
+}
 
 /// How the hub reaches a session.
 #[derive(Debug, Clone)]
@@ -49,6 +76,8 @@ pub struct Hub {
     meta: RwLock<BTreeMap<u64, Arc<SessionMeta>>>,
     /// Signalled whenever a lease may have changed (for the lease file).
     leases_changed: tokio::sync::Notify,
+    token_sessions: TokenSessions,
+    limits: Arc<LimitCounters>,
 }
 
 /// What the status endpoint shows about a session.
@@ -89,7 +118,20 @@ impl Hub {
             stats: Counters::new_shared(),
             meta: RwLock::new(BTreeMap::new()),
             leases_changed: tokio::sync::Notify::new(),
+            token_sessions: TokenSessions::new(0),
+            limits: Arc::default(),
         }
+    }
+
+    /// Limits every token to `max` concurrent sessions (0: unlimited).
+    pub fn with_max_sessions_per_token(mut self, max: usize) -> Self {
+        self.token_sessions = TokenSessions::new(max);
+        self
+    }
+
+    /// The counters of limits hit.
+    pub fn limits(&self) -> &Arc<LimitCounters> {
+        &self.limits
     }
 
     /// The global counters.
@@ -130,16 +172,30 @@ impl Hub {
     }
 
     /// Leases an address and registers the session under it. A session of the
-    /// same client that this one replaces is cancelled.
+    /// same client that this one replaces is cancelled. A token at its
+    /// session limit gets no new session, unless the new one replaces one of
+    /// its own (a client coming back before its stale session timed out).
     pub fn register(
         &self,
         owner: Owner,
         previous: Option<Ipv4Addr>,
         handle: SessionHandle,
-    ) -> Result<Grant, Exhausted> {
+    ) -> Result<Grant, RegisterError> {
         let grant = {
+            let token = owner.token;
+            let now = Instant::now();
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.acquire(owner, handle.id, previous, Instant::now())?
+            let grant = pool.acquire(owner, handle.id, previous, now)?;
+            if grant.replaces.is_none() && !self.token_sessions.has_room(token) {
+                pool.undo(grant.addr, handle.id);
+                LimitCounters::hit(&self.limits.token_sessions_refused);
+                return Err(RegisterError::TokenLimit {
+                    live: self.token_sessions.live(token),
+                    max: self.token_sessions.max(),
+                });
+            }
+            self.token_sessions.add(handle.id, token);
+            grant
         };
         let old = {
             let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
@@ -181,6 +237,7 @@ impl Hub {
             let mut m = self.meta.write().unwrap_or_else(|p| p.into_inner());
             m.remove(&session);
         }
+        self.token_sessions.remove(session);
         {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             pool.release(addr, session, Instant::now());

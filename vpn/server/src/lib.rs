@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod hub;
 pub mod leases;
+pub mod limits;
 pub mod pipeline;
 pub mod pool;
 pub mod session;
@@ -29,7 +30,7 @@ use crate::hub::Hub;
 use crate::leases::LeaseFile;
 use crate::pipeline::NewPipeline;
 use crate::pool::IpPool;
-use crate::session::SessionConfig;
+use crate::session::{SessionConfig, SessionLimits};
 use sallyport_middleware::{Direction, DropReason};
 use sallyport_transports::tls::CertStore;
 
@@ -91,6 +92,24 @@ pub fn print_pin(cfg: &ServerConfig) -> Result<String, ServerError> {
     Ok(sallyport_transports::tls::format_pin(&pin))
 }
 
+/// Raises the soft limit on open files to the hard limit: every session is
+/// a socket, and the usual soft limit of 1024 would cap the server at about
+/// a thousand clients. Returns the soft limit before and after.
+pub fn raise_nofile_limit() -> std::io::Result<(Option<u64>, Option<u64>)> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: before.maximum,
+                maximum: before.maximum,
+            },
+        )?;
+    }
+    Ok((before.current, getrlimit(Resource::Nofile).current))
+}
+
 /// Runs the server until `shutdown` is cancelled, then stops accepting, closes
 /// every session and removes the TUN device.
 pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
@@ -117,6 +136,7 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
         max_frame: cfg.limits.max_frame_size,
         handshake_timeout: cfg.limits.auth_timeout,
         max_pending: cfg.limits.max_unauthenticated,
+        max_pending_per_source: cfg.limits.max_unauthenticated_per_source,
     })
     .await
     .map_err(ServerError::Listen)?;
@@ -154,7 +174,12 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
             pool = pool.with_fixed(format!("name:{name}"), ip);
         }
     }
-    let hub = Arc::new(Hub::new(pool, cfg.vpn.subnet, cfg.vpn.server_ip, to_tun));
+    let hub = Arc::new(
+        Hub::new(pool, cfg.vpn.subnet, cfg.vpn.server_ip, to_tun)
+            .with_max_sessions_per_token(cfg.limits.max_sessions_per_token),
+    );
+    hub.limits()
+        .set_listener_refused(listener.refused_counter());
     let lease_file = lease_file(&cfg);
     if let Some(f) = &lease_file {
         let saved = f.load();
@@ -176,6 +201,12 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
         compression: cfg.compression.enabled,
         offload,
         rate_limits: cfg.rate_limits.clone().into(),
+        limits: SessionLimits::new(
+            cfg.limits.idle_timeout,
+            cfg.limits.auth_failures_per_minute,
+            cfg.limits.max_unauthenticated,
+            cfg.limits.max_unauthenticated_per_source,
+        ),
     });
     if !cfg.pipeline.anti_spoof {
         tracing::warn!("[pipeline] anti_spoof = false: clients may send from any source address");

@@ -65,6 +65,17 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     }
     let cfg = ServerConfig::load(&args.config)?;
     init_logging(&cfg.logging.level);
+    match sallyport_server::raise_nofile_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(
+                ?before,
+                ?after,
+                "raised the open-files limit (RLIMIT_NOFILE)"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

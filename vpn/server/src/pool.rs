@@ -286,6 +286,19 @@ impl IpPool {
             .retain(|_, l| !matches!(l.state, State::Held { until } if until <= now));
     }
 
+    /// Takes back an address just granted to `session` that will not be used
+    /// after all (the session was refused): no hold is kept, so refused
+    /// sessions cannot fill the pool with held addresses.
+    pub fn undo(&mut self, addr: Ipv4Addr, session: u64) {
+        if self
+            .leases
+            .get(&addr)
+            .is_some_and(|l| matches!(l.state, State::Active { session: s } if s == session))
+        {
+            self.leases.remove(&addr);
+        }
+    }
+
     /// Number of addresses with a live session.
     pub fn active(&self) -> usize {
         self.leases

@@ -2,6 +2,7 @@
 //! (a spawned task) until either side ends it.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,15 +14,17 @@ use sallyport_core::message::{
 use sallyport_core::offload::{self, OFFLOAD_GSO};
 use sallyport_core::{Frame, PacketBatch, MAX_BATCH};
 use sallyport_middleware::{Counters, Direction, DropReason, MiddlewareError, Rate, StatsHandle};
+use sallyport_transports::listener::PerSource;
 use sallyport_transports::{recv_ready, FrameSink, Tunnel};
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::config::Credential;
 use crate::hub::{Hub, SessionHandle, SessionMeta};
+use crate::limits::{AuthThrottle, LimitCounters};
 use crate::pipeline::{HubRouter, NewPipeline, SessionTarget};
 use crate::pool::{Owner, Reuse};
 
@@ -46,6 +49,54 @@ pub struct SessionConfig {
     pub offload: bool,
     /// The rate limit of each token's sessions, by token index.
     pub rate_limits: Arc<[Option<Rate>]>,
+    /// Connection limits before and after authentication.
+    pub limits: SessionLimits,
+}
+
+/// `[limits]` that apply to a session (the per-token session limit is the
+/// hub's, see [`Hub::with_max_sessions_per_token`]).
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Close a session after this long without a packet either way (pings
+    /// do not count); `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Failed authentications per source address.
+    pub auth_throttle: Arc<AuthThrottle>,
+    /// Tunnels waiting for their `auth` message (`limits.max_unauthenticated`).
+    pub authenticating: Arc<Semaphore>,
+    /// The same per source address (`limits.max_unauthenticated_per_source`).
+    pub authenticating_per_source: Arc<PerSource>,
+}
+
+impl Default for SessionLimits {
+    /// No limits (for tests).
+    fn default() -> Self {
+        Self {
+            idle_timeout: None,
+            auth_throttle: Arc::new(AuthThrottle::new(0)),
+            authenticating: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            authenticating_per_source: PerSource::new(0),
+        }
+    }
+}
+
+impl SessionLimits {
+    /// From the `[limits]` values.
+    pub fn new(
+        idle_timeout: Option<Duration>,
+        auth_failures_per_minute: u32,
+        max_unauthenticated: usize,
+        max_unauthenticated_per_source: usize,
+    ) -> Self {
+        Self {
+            idle_timeout,
+            auth_throttle: Arc::new(AuthThrottle::new(auth_failures_per_minute)),
+            authenticating: Arc::new(Semaphore::new(
+                max_unauthenticated.min(Semaphore::MAX_PERMITS),
+            )),
+            authenticating_per_source: PerSource::new(max_unauthenticated_per_source),
+        }
+    }
 }
 
 /// Runs a session on `tunnel` until it ends. Never panics on peer input;
@@ -91,9 +142,51 @@ async fn run_inner(
     shutdown: CancellationToken,
 ) {
     let (transport, peer) = (tunnel.info.transport, tunnel.info.peer);
+    let limits = hub.limits().clone();
+    // Held until the handshake ends, so tunnels waiting for `auth` are bounded.
+    let Ok(authenticating) = cfg.limits.authenticating.clone().try_acquire_owned() else {
+        LimitCounters::hit(&limits.unauthenticated_refused);
+        tracing::warn!("refused: limits.max_unauthenticated tunnels already waiting for auth");
+        return;
+    };
+    let source = peer.map(|p| p.ip());
+    let per_source = cfg.limits.authenticating_per_source.clone();
+    let source_slot = match source.map(|ip| per_source.try_take(ip)) {
+        Some(None) => {
+            LimitCounters::hit(&limits.unauthenticated_refused);
+            tracing::warn!(
+                "refused: limits.max_unauthenticated_per_source tunnels from this address \
+                 already waiting for auth"
+            );
+            return;
+        }
+        Some(Some(slot)) => Some(slot),
+        None => None,
+    };
+    if let Some(ip) = source {
+        if !cfg.limits.auth_throttle.allows(ip, Instant::now()) {
+            LimitCounters::hit(&limits.auth_throttled);
+            tracing::warn!(
+                "refused unread: too many failed authentications from this address \
+                 (limits.auth_failures_per_minute)"
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), tunnel.tx.close()).await;
+            return;
+        }
+    }
     let hello = match handshake(&cfg, &mut tunnel).await {
         Ok(h) => h,
         Err(refusal) => {
+            match refusal {
+                Refusal::Timeout => LimitCounters::hit(&limits.auth_timeouts),
+                Refusal::BadToken => {
+                    LimitCounters::hit(&limits.auth_failures);
+                    if let Some(ip) = source {
+                        cfg.limits.auth_throttle.failed(ip, Instant::now());
+                    }
+                }
+                _ => {}
+            }
             refusal.log();
             if let Some(error) = refusal.reply() {
                 let _ = send_and_close(&mut tunnel.tx, failure(error)).await;
@@ -101,6 +194,7 @@ async fn run_inner(
             return;
         }
     };
+    drop((authenticating, source_slot));
 
     let cancel = shutdown.child_token();
     let (pkt_tx, pkt_rx) = mpsc::channel::<Bytes>(cfg.queue_len);
@@ -125,7 +219,7 @@ async fn run_inner(
         Ok(g) => g,
         Err(e) => {
             tracing::warn!(error = %e, "refused: {e}");
-            let _ = send_and_close(&mut tunnel.tx, failure("pool_exhausted")).await;
+            let _ = send_and_close(&mut tunnel.tx, failure(e.reason())).await;
             return;
         }
     };
@@ -205,6 +299,7 @@ async fn run_inner(
         Err(e) => format!("send auth_response: {e}"),
         Ok(()) => {
             let (ctrl_tx, ctrl_rx) = mpsc::channel::<Control>(8);
+            let activity = Arc::new(Activity::new());
             let writer = tokio::spawn(
                 writer(
                     tunnel.tx,
@@ -214,10 +309,25 @@ async fn run_inner(
                     cancel.clone(),
                     encap,
                     gso,
+                    activity.clone(),
                 )
                 .in_current_span(),
             );
-            let reason = reader(&cfg, &target.stats, decap, tunnel.rx, ctrl_tx, &cancel, gso).await;
+            let reason = reader(
+                &cfg,
+                &target.stats,
+                decap,
+                tunnel.rx,
+                ctrl_tx,
+                &cancel,
+                gso,
+                &activity,
+            )
+            .await;
+            if matches!(reason, Ended::Idle(_)) {
+                LimitCounters::hit(&limits.idle_closed);
+            }
+            let reason = reason.to_string();
             cancel.cancel();
             let _ = writer.await;
             reason
@@ -366,6 +476,47 @@ async fn send_and_close(
     r.unwrap_or(Ok(()))
 }
 
+/// When the session last carried a packet, for `limits.idle_timeout`.
+#[derive(Debug)]
+struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start` of the last packet sent to the client.
+    last_encap_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            last_encap_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn encap(&self) {
+        let ms = self.start.elapsed().as_millis();
+        self.last_encap_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn last_encap(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_encap_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Why the reader stopped (the text is logged).
+enum Ended {
+    Idle(String),
+    Other(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Idle(s) | Ended::Other(s) => f.write_str(s),
+        }
+    }
+}
+
 async fn reader<D>(
     cfg: &SessionConfig,
     stats: &StatsHandle,
@@ -374,22 +525,43 @@ async fn reader<D>(
     ctrl: mpsc::Sender<Control>,
     cancel: &CancellationToken,
     gso: bool,
-) -> String
+    activity: &Activity,
+) -> Ended
 where
     D: Service<PacketBatch, Response = (), Error = MiddlewareError>,
 {
+    let closed = || Ended::Other("closed by server (shutdown or replaced)".into());
+    // The idle clock restarts at every packet either way: the reader's own
+    // for packets from the client, the writer's (shared) for packets to it.
+    let idle = cfg.limits.idle_timeout;
+    let mut last_decap = activity.start;
+    let idle_check = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400)));
+    tokio::pin!(idle_check);
     let silence = cfg.keepalive * 3;
     let mtu = usize::from(cfg.mtu);
     let mut frames = Vec::with_capacity(MAX_BATCH);
     loop {
         frames.clear();
         let r = tokio::select! {
-            _ = cancel.cancelled() => return "closed by server (shutdown or replaced)".into(),
+            _ = cancel.cancelled() => return closed(),
+            _ = &mut idle_check, if idle.is_some() => {
+                let idle = idle.unwrap_or_default();
+                let deadline = last_decap.max(activity.last_encap()) + idle;
+                if deadline <= tokio::time::Instant::now() {
+                    return Ended::Idle(format!("idle timeout: no packet either way for {idle:?}"));
+                }
+                idle_check.as_mut().reset(deadline);
+                continue;
+            }
             r = tokio::time::timeout(silence, recv_ready(&mut rx, &mut frames, MAX_BATCH)) => r,
         };
         let open = match r {
-            Err(_) => return format!("keepalive timeout: nothing received for {silence:?}"),
-            Ok(Err(e)) => return format!("transport error: {e}"),
+            Err(_) => {
+                return Ended::Other(format!(
+                    "keepalive timeout: nothing received for {silence:?}"
+                ))
+            }
+            Ok(Err(e)) => return Ended::Other(format!("transport error: {e}")),
             Ok(Ok(open)) => open,
         };
         let mut batch = PacketBatch::new();
@@ -408,22 +580,23 @@ where
                     Err(sallyport_core::message::MessageError::UnknownType(t)) => {
                         tracing::debug!(kind = %t, "ignoring unknown message type")
                     }
-                    Err(e) => return format!("protocol error: {e}"),
+                    Err(e) => return Ended::Other(format!("protocol error: {e}")),
                 },
             }
         }
         if !batch.is_empty() {
+            last_decap = tokio::time::Instant::now();
             // Ready waits for room towards the TUN: back-pressure, not loss.
             let r = tokio::select! {
-                _ = cancel.cancelled() => return "closed by server (shutdown or replaced)".into(),
+                _ = cancel.cancelled() => return closed(),
                 r = async { decap.ready().await?.call(batch).await } => r,
             };
             if let Err(e) = r {
-                return format!("pipeline: {e}");
+                return Ended::Other(format!("pipeline: {e}"));
             }
         }
         if !open {
-            return "closed by client".into();
+            return Ended::Other("closed by client".into());
         }
     }
 }
@@ -447,6 +620,7 @@ async fn writer<E>(
     cancel: CancellationToken,
     mut encap: E,
     gso: bool,
+    activity: Arc<Activity>,
 ) where
     E: Service<PacketBatch, Response = PacketBatch, Error = MiddlewareError>,
 {
@@ -481,6 +655,9 @@ async fn writer<E>(
                         .call(batch)
                         .await
                         .map_err(|e| format!("pipeline: {e}"))?;
+                    if !out.is_empty() {
+                        activity.encap();
+                    }
                     for p in out.drain() {
                         tx.feed(Frame::Packet(p)).await.map_err(|e| e.to_string())?;
                     }

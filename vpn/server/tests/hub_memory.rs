@@ -16,7 +16,7 @@ use sallyport_server::hub::Hub;
 use sallyport_server::leases::LeaseFile;
 use sallyport_server::pipeline::NewPipeline;
 use sallyport_server::pool::IpPool;
-use sallyport_server::session::{self, SessionConfig};
+use sallyport_server::session::{self, SessionConfig, SessionLimits};
 use sallyport_transports::{memory, Tunnel};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,18 +33,37 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        Self::with(vec![Credential::plain("good")])
+        Self::with_all(vec![Credential::plain("good")], 0, SessionLimits::default())
     }
 
     /// A fixture accepting `credentials`, identified leases lasting a day.
     fn with(credentials: Vec<Credential>) -> Self {
+        Self::with_all(credentials, 0, SessionLimits::default())
+    }
+
+    fn with_limits(max_sessions_per_token: usize, limits: SessionLimits) -> Self {
+        Self::with_all(
+            vec![Credential::plain("good")],
+            max_sessions_per_token,
+            limits,
+        )
+    }
+
+    fn with_all(
+        credentials: Vec<Credential>,
+        max_sessions_per_token: usize,
+        limits: SessionLimits,
+    ) -> Self {
         let subnet = "10.100.0.0/24".parse().expect("net");
         let (to_tun, from_hub_to_tun) = mpsc::channel(16);
         let pool = IpPool::new(subnet, SERVER, Duration::from_secs(300))
             .with_lease_time(Duration::from_secs(86_400));
         let n = credentials.len();
         Self {
-            hub: Arc::new(Hub::new(pool, subnet, SERVER, to_tun)),
+            hub: Arc::new(
+                Hub::new(pool, subnet, SERVER, to_tun)
+                    .with_max_sessions_per_token(max_sessions_per_token),
+            ),
             cfg: Arc::new(SessionConfig {
                 credentials: credentials.into(),
                 auth_timeout: Duration::from_secs(2),
@@ -60,6 +79,7 @@ impl Fixture {
                 compression: true,
                 offload: true,
                 rate_limits: vec![None; n].into(),
+                limits,
             }),
             from_hub_to_tun,
             shutdown: CancellationToken::new(),
@@ -69,7 +89,13 @@ impl Fixture {
 
     /// Opens a session; returns the client end.
     fn open(&mut self) -> Tunnel {
-        let (client, server) = memory::pair(64);
+        self.open_from(None)
+    }
+
+    /// Opens a session that seems to come from `peer`.
+    fn open_from(&mut self, peer: Option<std::net::SocketAddr>) -> Tunnel {
+        let (client, mut server) = memory::pair(64);
+        server.info.peer = peer;
         self.next_id += 1;
         tokio::spawn(session::run(
             self.hub.clone(),
@@ -411,4 +437,169 @@ async fn invalid_json_ends_only_that_session() {
         .await
         .expect("send");
     assert_eq!(next_packet(&mut b).await.as_deref(), Some(&pkt[..]));
+}
+
+fn reconnect(previous_ip: Ipv4Addr, client_id: &str) -> Control {
+    Control::Reconnect(Reconnect {
+        token: Token::new("good"),
+        previous_ip,
+        client_id: Some(client_id.into()),
+        compression: None,
+        offload: None,
+    })
+}
+
+fn refusal(reply: &Control) -> Option<&str> {
+    match reply {
+        Control::AuthResponse(r) if !r.success => r.error.as_deref(),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_token_at_its_session_limit_is_refused_but_its_client_may_replace_its_own_session() {
+    let mut f = Fixture::with_limits(2, SessionLimits::default());
+    let ip = Ipv4Addr::new(10, 100, 0, 2);
+    let (mut a, r) = f.connect(reconnect(ip, "laptop")).await;
+    assert!(
+        matches!(&r, Control::AuthResponse(r) if r.assigned_ip == Some(ip)),
+        "{r:?}"
+    );
+    let (_b, _) = f.authed().await;
+    let (mut c, r) = f.connect(auth("good")).await;
+    assert_eq!(refusal(&r), Some("too_many_sessions"), "{r:?}");
+    assert_eq!(next_frame(&mut c).await, None, "refused connection closed");
+    assert_eq!(
+        f.hub
+            .limits()
+            .token_sessions_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The laptop comes back before its stale session timed out: it replaces it.
+    let (_a2, r) = f.connect(reconnect(ip, "laptop")).await;
+    assert!(
+        matches!(&r, Control::AuthResponse(r) if r.success && r.assigned_ip == Some(ip)),
+        "{r:?}"
+    );
+    assert_eq!(
+        next_packet(&mut a).await,
+        None,
+        "the stale session is closed"
+    );
+    // Still two sessions: no room for a third client.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (_d, r) = f.connect(auth("good")).await;
+    assert_eq!(refusal(&r), Some("too_many_sessions"), "{r:?}");
+    assert_eq!(f.hub.sessions(), 2);
+}
+
+#[tokio::test]
+async fn a_source_that_keeps_failing_auth_is_closed_unread_and_others_are_not() {
+    let limits = SessionLimits::new(None, 2, 64, 0);
+    let mut f = Fixture::with_limits(0, limits);
+    let bad: std::net::SocketAddr = "198.18.0.10:40000".parse().expect("addr");
+    let good: std::net::SocketAddr = "198.18.0.11:40000".parse().expect("addr");
+    for _ in 0..2 {
+        let mut t = f.open_from(Some(bad));
+        t.tx.send(auth("wrong").into()).await.expect("send");
+        assert_eq!(refusal(&next_control(&mut t).await), Some("auth_failed"));
+    }
+    // Throttled: closed before anything is read, even with the right token.
+    let mut t = f.open_from(Some(bad));
+    let _ = t.tx.send(auth("good").into()).await;
+    assert_eq!(next_frame(&mut t).await, None);
+    let limits = f.hub.limits();
+    assert_eq!(
+        limits
+            .auth_throttled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        limits
+            .auth_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let mut t = f.open_from(Some(good));
+    t.tx.send(auth("good").into()).await.expect("send");
+    assert!(matches!(next_control(&mut t).await, Control::AuthResponse(r) if r.success));
+}
+
+#[tokio::test]
+async fn tunnels_waiting_for_auth_are_bounded_by_max_unauthenticated() {
+    let mut f = Fixture::with_limits(0, SessionLimits::new(None, 0, 2, 0));
+    let _silent1 = f.open();
+    let _silent2 = f.open();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut third = f.open();
+    assert_eq!(next_frame(&mut third).await, None, "closed unread");
+    assert_eq!(
+        f.hub
+            .limits()
+            .unauthenticated_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_idle_session_is_closed_while_pings_alone_do_not_keep_it_and_packets_do() {
+    let idle = Duration::from_millis(400);
+    let mut f = Fixture::with_limits(0, SessionLimits::new(Some(idle), 0, 64, 0));
+    let (mut quiet, _) = f.authed().await;
+    let (mut busy, ip_busy) = f.authed().await;
+    let started = std::time::Instant::now();
+    // `busy` sends a packet to the server every 100 ms; `quiet` only pings.
+    let mut closed_at = None;
+    while started.elapsed() < Duration::from_millis(1200) {
+        let p = build_ipv4(ip_busy, SERVER, 17, b"tick");
+        busy.tx
+            .send(Frame::Packet(Bytes::from(p)))
+            .await
+            .expect("busy sends");
+        if closed_at.is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        if quiet
+            .tx
+            .send(Control::Ping(sallyport_core::message::Ping { seq: None }).into())
+            .await
+            .is_err()
+        {
+            closed_at.get_or_insert(started.elapsed());
+            continue;
+        }
+        if let Ok(None) = tokio::time::timeout(Duration::from_millis(100), quiet.rx.next()).await {
+            closed_at.get_or_insert(started.elapsed());
+        }
+        while f.from_hub_to_tun.try_recv().is_ok() {}
+    }
+    let closed_at = closed_at.expect("quiet session closed by idle_timeout");
+    assert!(closed_at >= idle, "not before the timeout: {closed_at:?}");
+    assert_eq!(
+        f.hub
+            .limits()
+            .idle_closed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(f.hub.sessions(), 1, "the busy session is still there");
+}
+
+#[tokio::test]
+async fn one_source_cannot_take_every_slot_waiting_for_auth() {
+    let mut f = Fixture::with_limits(0, SessionLimits::new(None, 0, 64, 2));
+    let greedy: std::net::SocketAddr = "198.18.0.10:40000".parse().expect("addr");
+    let other: std::net::SocketAddr = "198.18.0.11:40000".parse().expect("addr");
+    let _silent1 = f.open_from(Some(greedy));
+    let _silent2 = f.open_from(Some(greedy));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut third = f.open_from(Some(greedy));
+    assert_eq!(next_frame(&mut third).await, None, "closed unread");
+    let mut t = f.open_from(Some(other));
+    t.tx.send(auth("good").into()).await.expect("send");
+    assert!(matches!(next_control(&mut t).await, Control::AuthResponse(r) if r.success));
 }
