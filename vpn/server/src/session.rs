@@ -299,7 +299,7 @@ async fn run_inner(
         Err(e) => format!("send auth_response: {e}"),
         Ok(()) => {
             let (ctrl_tx, ctrl_rx) = mpsc::channel::<Control>(8);
-            let activity = Arc::new(Activity::new());
+            let activity = Arc::new(Traffic::new(gso));
             let writer = tokio::spawn(
                 writer(
                     tunnel.tx,
@@ -308,7 +308,6 @@ async fn run_inner(
                     cfg.keepalive,
                     cancel.clone(),
                     encap,
-                    gso,
                     activity.clone(),
                 )
                 .in_current_span(),
@@ -320,7 +319,6 @@ async fn run_inner(
                 tunnel.rx,
                 ctrl_tx,
                 &cancel,
-                gso,
                 &activity,
             )
             .await;
@@ -476,17 +474,21 @@ async fn send_and_close(
     r.unwrap_or(Ok(()))
 }
 
-/// When the session last carried a packet, for `limits.idle_timeout`.
+/// What the reader and writer share about the session's packets: whether
+/// super-packets may cross (PROTOCOL.md §11), and when the session last
+/// carried a packet, for `limits.idle_timeout`.
 #[derive(Debug)]
-struct Activity {
+struct Traffic {
+    gso: bool,
     start: tokio::time::Instant,
     /// Milliseconds after `start` of the last packet sent to the client.
     last_encap_ms: AtomicU64,
 }
 
-impl Activity {
-    fn new() -> Self {
+impl Traffic {
+    fn new(gso: bool) -> Self {
         Self {
+            gso,
             start: tokio::time::Instant::now(),
             last_encap_ms: AtomicU64::new(0),
         }
@@ -524,8 +526,7 @@ async fn reader<D>(
     mut rx: sallyport_transports::FrameStream,
     ctrl: mpsc::Sender<Control>,
     cancel: &CancellationToken,
-    gso: bool,
-    activity: &Activity,
+    activity: &Traffic,
 ) -> Ended
 where
     D: Service<PacketBatch, Response = (), Error = MiddlewareError>,
@@ -567,7 +568,7 @@ where
         let mut batch = PacketBatch::new();
         for f in frames.drain(..) {
             match f {
-                Frame::Packet(p) if admissible(&p, mtu, gso) => batch.push(p),
+                Frame::Packet(p) if admissible(&p, mtu, activity.gso) => batch.push(p),
                 Frame::Packet(_) => stats.record_drops(Direction::Decap, DropReason::Malformed, 1),
                 Frame::Control(b) => match Control::decode(&b) {
                     Ok(Control::Ping(Ping { seq })) => {
@@ -619,8 +620,7 @@ async fn writer<E>(
     keepalive: Duration,
     cancel: CancellationToken,
     mut encap: E,
-    gso: bool,
-    activity: Arc<Activity>,
+    activity: Arc<Traffic>,
 ) where
     E: Service<PacketBatch, Response = PacketBatch, Error = MiddlewareError>,
 {
@@ -638,7 +638,7 @@ async fn writer<E>(
                     if n == 0 {
                         break;
                     }
-                    if !gso {
+                    if !activity.gso {
                         // This client takes super-packets as their segments.
                         for p in buf.drain(..) {
                             if let Err(e) = sallyport_tun::segment(p, &mut plain) {
