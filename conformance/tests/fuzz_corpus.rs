@@ -1,11 +1,17 @@
 //! Replays the fuzz corpora (seeds and every crash input kept there) through
 //! the same checks the fuzz targets run, so plain `cargo test` covers them.
-//! The checks live in `fuzz/src/lib.rs`; the fuzz package is not a workspace
-//! member, so the file is included here rather than depended on.
+//! The checks live in `fuzz/src/lib.rs` and `fuzz/src/net.rs`; the fuzz
+//! package is not a workspace member, so the files are included here rather
+//! than depended on.
 
-#[allow(dead_code)]
+#[allow(dead_code, unexpected_cfgs)]
 #[path = "../../fuzz/src/lib.rs"]
 mod checks;
+#[path = "../../fuzz/src/net.rs"]
+mod net;
+
+// net.rs reaches the shared checks as `crate::...`.
+use checks::{after_transport, MAX_FRAME};
 
 use std::path::PathBuf;
 
@@ -30,17 +36,17 @@ fn replay(target: &str, check: fn(&[u8])) {
 
 #[test]
 fn framing_decode_corpus_passes() {
-    replay("framing_decode", checks::framing_decode);
+    replay("framing_decode", net::framing_decode);
 }
 
 #[test]
 fn framing_stream_corpus_passes() {
-    replay("framing_stream", checks::framing_stream);
+    replay("framing_stream", net::framing_stream);
 }
 
 #[test]
 fn ws_messages_corpus_passes() {
-    replay("ws_messages", checks::ws_messages);
+    replay("ws_messages", net::ws_messages);
 }
 
 #[test]
@@ -60,5 +66,5 @@ fn lz4_decompress_corpus_passes() {
 
 #[test]
 fn server_handshake_corpus_passes() {
-    replay("server_handshake", checks::server_handshake);
+    replay("server_handshake", net::server_handshake);
 }
