@@ -8,7 +8,9 @@
 # which RUSTC_BOOTSTRAP=1 allows on stable. New corpus entries go to
 # fuzz/work/<target> (not committed), seeded from fuzz/corpus/<target>;
 # crash inputs go to fuzz/artifacts/<target>. Set JOBS=2 to run two targets at
-# a time, NICE=19 (default) to stay out of other builds' way.
+# a time, NICE=19 (default) to stay out of other builds' way, FEATURES=core
+# to build only the targets that need no TLS stack (control_json, ip_header,
+# lz4_decompress).
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -17,6 +19,10 @@ shift || true
 export RUSTC_BOOTSTRAP=1
 nice_level=${NICE:-19}
 jobs=${JOBS:-1}
+feature_args=()
+if [ "${FEATURES:-}" = core ]; then
+    feature_args=(--no-default-features)
+fi
 
 if ! command -v cargo-fuzz >/dev/null; then
     echo "cargo-fuzz not found: cargo install cargo-fuzz --locked" >&2
@@ -26,10 +32,14 @@ fi
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
-    mapfile -t targets < <(cargo fuzz list)
+    if [ "${FEATURES:-}" = core ]; then
+        targets=(control_json ip_header lz4_decompress)
+    else
+        mapfile -t targets < <(cargo fuzz list)
+    fi
 fi
 
-nice -n "$nice_level" cargo fuzz build -O
+nice -n "$nice_level" cargo fuzz build -O "${feature_args[@]}"
 
 mkdir -p logs
 run_one() {
@@ -37,7 +47,7 @@ run_one() {
     mkdir -p "work/$t" "artifacts/$t"
     # -max_total_time bounds the run; libFuzzer prints its final stats
     # (stat::number_of_executed_units etc.) with -print_final_stats=1.
-    nice -n "$nice_level" cargo fuzz run -O "$t" "work/$t" "corpus/$t" -- \
+    nice -n "$nice_level" cargo fuzz run -O "${feature_args[@]}" "$t" "work/$t" "corpus/$t" -- \
         -max_total_time="$secs" -print_final_stats=1 -rss_limit_mb=2048 \
         >"logs/$t.log" 2>&1 || true
 }
