@@ -126,12 +126,20 @@ pub async fn run(
         .await
 }
 
-struct Hello {
-    token: usize,
-    previous: Option<Ipv4Addr>,
-    client_id: Option<String>,
-    offers_lz4: bool,
-    offers_gso: bool,
+/// What an accepted first message says. Public only for the fuzz targets.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Hello {
+    /// Index of the matching token.
+    pub token: usize,
+    /// The address asked back (`reconnect`).
+    pub previous: Option<Ipv4Addr>,
+    /// The client's stable id, if given and 1..=128 bytes long.
+    pub client_id: Option<String>,
+    /// Whether the client offers lz4.
+    pub offers_lz4: bool,
+    /// Whether the client offers segmentation offload.
+    pub offers_gso: bool,
 }
 
 async fn run_inner(
@@ -340,8 +348,11 @@ async fn run_inner(
     );
 }
 
-/// Why a connection was refused before it became a session.
-enum Refusal {
+/// Why a connection was refused before it became a session. Public only for
+/// the fuzz targets.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Refusal {
     Closed,
     Timeout,
     BadToken,
@@ -369,7 +380,7 @@ impl Refusal {
     }
 
     /// The `error` sent back, if anything is sent at all.
-    fn reply(&self) -> Option<&'static str> {
+    pub fn reply(&self) -> Option<&'static str> {
         match self {
             Refusal::Closed | Refusal::Transport(_) => None,
             Refusal::Timeout => Some("auth_timeout"),
@@ -387,6 +398,13 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
         Ok(Some(Err(e))) => return Err(Refusal::Transport(e.to_string())),
         Ok(Some(Ok(f))) => f,
     };
+    parse_hello(&cfg.credentials, first)
+}
+
+/// Checks the first frame of a connection: an `auth` or `reconnect` with a
+/// known token. Pure, so the fuzz target drives exactly this code.
+#[doc(hidden)]
+pub fn parse_hello(credentials: &[Credential], first: Frame) -> Result<Hello, Refusal> {
     let bytes = match first {
         Frame::Packet(_) => return Err(Refusal::PacketBeforeAuth),
         Frame::Control(b) => b,
@@ -408,7 +426,7 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
         ),
         Ok(other) => return Err(Refusal::NotAuth(other.kind().into())),
     };
-    let token = check_token(&cfg.credentials, &token).ok_or(Refusal::BadToken)?;
+    let token = check_token(credentials, &token).ok_or(Refusal::BadToken)?;
     Ok(Hello {
         token,
         previous,
