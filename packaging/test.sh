@@ -147,7 +147,7 @@ deb_lintian_clean() {
 t deb_lintian_clean deb_lintian_clean
 
 make_root() {
-    debootstrap --variant=minbase --include=openssl,adduser,systemd bookworm "$root" \
+    debootstrap --variant=minbase --include=openssl,adduser,systemd,procps bookworm "$root" \
         http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
         || fail "debootstrap: $(tail -5 "$work/debootstrap.log")"
 }
