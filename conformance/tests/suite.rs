@@ -57,6 +57,13 @@ async fn the_real_hub_passes_every_check() {
     let report = run_suite(t, &Filter::all()).await;
     assert_eq!(report.failed(), 0, "failed: {:?}", report.failed_ids());
     assert_eq!(skipped(&report), set(&EXPECTED_SKIPS), "skipped checks");
+    // errors.binary_too_large sent one message over the limit: counted.
+    let too_large = server
+        .hub
+        .limits()
+        .frame_too_large
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(too_large >= 1, "limit_frame_too_large_total is {too_large}");
 }
 
 /// The checks of the framed transports and of compression, over HTTP/2 and

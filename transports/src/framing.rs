@@ -79,11 +79,10 @@ impl Decoder for FrameCodec {
             return Err(TransportError::Protocol("empty frame".into()));
         }
         if len - 1 > self.max_payload {
-            return Err(TransportError::Protocol(format!(
-                "frame of {} bytes exceeds the {}-byte limit",
-                len - 1,
-                self.max_payload
-            )));
+            return Err(TransportError::FrameTooLarge {
+                len: len - 1,
+                limit: self.max_payload,
+            });
         }
         if src.len() < 5 + len {
             src.reserve(5 + len - src.len());
@@ -125,6 +124,20 @@ mod tests {
         }
         assert!(buf.is_empty(), "no leftover bytes");
         got
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_refused_as_too_large_from_its_prefix() {
+        let mut codec = FrameCodec::new(100);
+        let mut src = BytesMut::from(&[0u8, 0, 0, 0, 102, 0x02][..]);
+        let e = codec.decode(&mut src).expect_err("over the limit");
+        assert!(e.is_frame_too_large(), "{e}");
+        assert!(
+            src.capacity() < 1000,
+            "nothing reserved for the stated length"
+        );
+        let mut ok = BytesMut::from(&[0u8, 0, 0, 0, 101, 0x02][..]);
+        assert!(codec.decode(&mut ok).expect("within the limit").is_none());
     }
 
     #[test]

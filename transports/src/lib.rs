@@ -143,6 +143,14 @@ pub enum TransportError {
     /// The peer sent something the transport cannot carry.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// The peer sent a message larger than the transport's limit.
+    #[error("protocol violation: frame of {len} bytes exceeds the {limit}-byte limit")]
+    FrameTooLarge {
+        /// The length it stated.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The HTTP proxy failed or refused.
     #[error("proxy {proxy}: {reason}")]
     Proxy {
@@ -172,6 +180,17 @@ pub enum TransportError {
     /// The other end of an in-memory tunnel is gone.
     #[error("tunnel closed")]
     Closed,
+}
+
+impl TransportError {
+    /// Whether the peer sent a message over the frame limit (any transport).
+    pub fn is_frame_too_large(&self) -> bool {
+        use tokio_tungstenite::tungstenite::Error as Ws;
+        matches!(
+            self,
+            TransportError::FrameTooLarge { .. } | TransportError::WebSocket(Ws::Capacity(_))
+        )
+    }
 }
 
 impl From<hyper::Error> for TransportError {

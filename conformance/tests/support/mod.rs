@@ -157,6 +157,8 @@ pub fn kernel_echo_reply(packet: &[u8], server_ip: Ipv4Addr) -> Option<Vec<u8>> 
 pub struct RealServer {
     pub url: String,
     pub certs: Certs,
+    /// The hub, for its counters.
+    pub hub: Arc<Hub>,
     shutdown: CancellationToken,
     _listener_task: tokio::task::JoinHandle<()>,
 }
@@ -204,6 +206,7 @@ impl RealServer {
         });
         let shutdown = CancellationToken::new();
         let tun_hub = hub.clone();
+        let own_hub = hub.clone();
         tokio::spawn(async move {
             while let Some(batch) = from_hub.recv().await {
                 let mut replies = PacketBatch::new();
@@ -232,6 +235,7 @@ impl RealServer {
             }
         });
         Self {
+            hub: own_hub,
             url,
             certs,
             shutdown,

@@ -28,6 +28,8 @@ pub struct LimitCounters {
     pub unauthenticated_refused: AtomicU64,
     /// Sessions closed by `limits.idle_timeout`.
     pub idle_closed: AtomicU64,
+    /// Connections closed because a message exceeded `limits.max_frame_size`.
+    pub frame_too_large: AtomicU64,
     /// The listener's own count of connections dropped at accept because
     /// `limits.max_unauthenticated` connections were in TLS or HTTP set-up.
     listener_refused: OnceLock<Arc<AtomicU64>>,
@@ -53,7 +55,7 @@ impl LimitCounters {
     }
 
     /// `(metric name without prefix, help, value)` of every counter.
-    pub fn series(&self) -> [(&'static str, &'static str, u64); 7] {
+    pub fn series(&self) -> [(&'static str, &'static str, u64); 8] {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
@@ -90,6 +92,11 @@ impl LimitCounters {
                 "limit_idle_closed_total",
                 "Sessions closed: no packet either way for limits.idle_timeout.",
                 v(&self.idle_closed),
+            ),
+            (
+                "limit_frame_too_large_total",
+                "Connections closed: a message exceeded limits.max_frame_size.",
+                v(&self.frame_too_large),
             ),
         ]
     }

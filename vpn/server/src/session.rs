@@ -187,6 +187,7 @@ async fn run_inner(
         Err(refusal) => {
             match refusal {
                 Refusal::Timeout => LimitCounters::hit(&limits.auth_timeouts),
+                Refusal::TooLarge(_) => LimitCounters::hit(&limits.frame_too_large),
                 Refusal::BadToken => {
                     LimitCounters::hit(&limits.auth_failures);
                     if let Some(ip) = source {
@@ -330,8 +331,10 @@ async fn run_inner(
                 &activity,
             )
             .await;
-            if matches!(reason, Ended::Idle(_)) {
-                LimitCounters::hit(&limits.idle_closed);
+            match reason {
+                Ended::Idle(_) => LimitCounters::hit(&limits.idle_closed),
+                Ended::TooLarge(_) => LimitCounters::hit(&limits.frame_too_large),
+                Ended::Other(_) => {}
             }
             let reason = reason.to_string();
             cancel.cancel();
@@ -360,6 +363,8 @@ pub enum Refusal {
     NotAuth(String),
     Malformed(String),
     Transport(String),
+    /// A first message over `limits.max_frame_size`.
+    TooLarge(String),
 }
 
 impl Refusal {
@@ -376,13 +381,17 @@ impl Refusal {
             }
             Refusal::Malformed(e) => tracing::warn!(error = %e, "refused: malformed first message"),
             Refusal::Transport(e) => tracing::debug!(error = %e, "transport failed before auth"),
+            Refusal::TooLarge(e) => {
+                tracing::warn!(error = %e, "refused: first message over limits.max_frame_size")
+            }
         }
     }
 
     /// The `error` sent back, if anything is sent at all.
     pub fn reply(&self) -> Option<&'static str> {
         match self {
-            Refusal::Closed | Refusal::Transport(_) => None,
+            // After an oversized message the stream cannot be read on.
+            Refusal::Closed | Refusal::Transport(_) | Refusal::TooLarge(_) => None,
             Refusal::Timeout => Some("auth_timeout"),
             Refusal::BadToken => Some("auth_failed"),
             Refusal::PacketBeforeAuth | Refusal::NotAuth(_) => Some("auth_required"),
@@ -395,6 +404,7 @@ async fn handshake(cfg: &SessionConfig, tunnel: &mut Tunnel) -> Result<Hello, Re
     let first = match tokio::time::timeout(cfg.auth_timeout, tunnel.rx.next()).await {
         Err(_) => return Err(Refusal::Timeout),
         Ok(None) => return Err(Refusal::Closed),
+        Ok(Some(Err(e))) if e.is_frame_too_large() => return Err(Refusal::TooLarge(e.to_string())),
         Ok(Some(Err(e))) => return Err(Refusal::Transport(e.to_string())),
         Ok(Some(Ok(f))) => f,
     };
@@ -526,13 +536,15 @@ impl Traffic {
 /// Why the reader stopped (the text is logged).
 enum Ended {
     Idle(String),
+    /// The client sent a message over `limits.max_frame_size`.
+    TooLarge(String),
     Other(String),
 }
 
 impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Ended::Idle(s) | Ended::Other(s) => f.write_str(s),
+            Ended::Idle(s) | Ended::TooLarge(s) | Ended::Other(s) => f.write_str(s),
         }
     }
 }
@@ -579,6 +591,9 @@ where
                 return Ended::Other(format!(
                     "keepalive timeout: nothing received for {silence:?}"
                 ))
+            }
+            Ok(Err(e)) if e.is_frame_too_large() => {
+                return Ended::TooLarge(format!("transport error: {e} (limits.max_frame_size)"))
             }
             Ok(Err(e)) => return Ended::Other(format!("transport error: {e}")),
             Ok(Ok(open)) => open,
