@@ -404,7 +404,7 @@ async fn pair(cx: &Ctx) -> Result<((Session, Grant), (Session, Grant)), Verdict>
 }
 
 /// Proves `from` still routes to `to`: a fresh packet arrives byte for byte.
-async fn delivers(
+pub(super) async fn delivers(
     cx: &Ctx,
     from: &Session,
     fg: &Grant,

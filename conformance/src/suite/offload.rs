@@ -10,6 +10,7 @@ use sallyport_core::offload::{OFFLOAD_GSO, TAG_GSO};
 use sallyport_core::Frame;
 use serde_json::Value;
 
+use super::checks::delivers;
 use super::session::{auth, auth_extensions, clip, prefix, Event, Grant, Probe, Session};
 use super::{fail, lz4, skip, CheckResult, Ctx, Verdict};
 
@@ -316,11 +317,7 @@ pub(super) async fn offload_not_negotiated(cx: Ctx) -> CheckResult {
     a.expect_none(&[&sp.probe], t.quiet, super::checks::Match::Marker)
         .await
         .map_err(|v| prefix(v, "A"))?;
-    let after = Probe::ipv4(gb.ip, ga.ip, 64, "a probe after B's super-packet");
-    b.send(after.frame()).await?;
-    a.expect_packet(&after, t.reply)
-        .await
-        .map_err(|v| prefix(v, "B → A after B's super-packet"))
+    delivers(&cx, &b, &gb, &mut a, &ga, "after B's super-packet").await
 }
 
 pub(super) async fn offload_bad_envelopes(cx: Ctx) -> CheckResult {
@@ -375,16 +372,15 @@ pub(super) async fn offload_bad_envelopes(cx: Ctx) -> CheckResult {
             _ => {}
         }
     }
-    let after = Probe::ipv4(
-        ga.ip,
-        gb.ip,
-        64,
-        "a probe after the malformed super-packets",
-    );
-    a.send(after.frame()).await?;
-    b.expect_packet(&after, t.reply)
-        .await
-        .map_err(|v| prefix(v, "A → B after A's malformed super-packets"))
+    delivers(
+        &cx,
+        &a,
+        &ga,
+        &mut b,
+        &gb,
+        "after A's malformed super-packets",
+    )
+    .await
 }
 
 pub(super) async fn offload_routed(cx: Ctx) -> CheckResult {
