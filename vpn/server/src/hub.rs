@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime};
 
@@ -21,6 +22,7 @@ use sallyport_core::ip::IpHeader;
 use sallyport_core::offload;
 use sallyport_core::PacketBatch;
 use sallyport_middleware::{Counters, Direction, DropReason};
+use sallyport_tun::TunDevice;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +74,10 @@ pub struct Hub {
     routes: RwLock<HashMap<Ipv4Addr, SessionHandle>>,
     pool: Mutex<IpPool>,
     to_tun: mpsc::Sender<PacketBatch>,
+    /// The device, for writing to it from the session's own task.
+    device: Option<TunDevice>,
+    /// Batches in the TUN writer's queue or being written by it.
+    tun_backlog: AtomicUsize,
     stats: Arc<Counters>,
     meta: RwLock<BTreeMap<u64, Arc<SessionMeta>>>,
     /// Signalled whenever a lease may have changed (for the lease file).
@@ -115,12 +121,21 @@ impl Hub {
             routes: RwLock::new(HashMap::new()),
             pool: Mutex::new(pool),
             to_tun,
+            device: None,
+            tun_backlog: AtomicUsize::new(0),
             stats: Counters::new_shared(),
             meta: RwLock::new(BTreeMap::new()),
             leases_changed: tokio::sync::Notify::new(),
             token_sessions: TokenSessions::new(0),
             limits: Arc::default(),
         }
+    }
+
+    /// Writes packets for the TUN straight to `device` from the task that
+    /// routed them ([`Hub::write_to_tun`]).
+    pub fn with_device(mut self, device: TunDevice) -> Self {
+        self.device = Some(device);
+        self
     }
 
     /// Limits every token to `max` concurrent sessions (0: unlimited).
@@ -142,6 +157,47 @@ impl Hub {
     /// The queue towards the TUN writer.
     pub fn tun_sender(&self) -> mpsc::Sender<PacketBatch> {
         self.to_tun.clone()
+    }
+
+    /// Writes a batch bound for the TUN device from the calling task: a TUN
+    /// write does not wait on Linux, and skipping the hop to the TUN writer
+    /// task takes a thread wake-up off every packet's way (round-trip time).
+    /// Returns what is left for the writer: everything while it still has a
+    /// backlog (so that packets stay in order), the rest once the device
+    /// would block, and super-packets a device without offload cannot take.
+    pub fn write_to_tun(&self, mut batch: PacketBatch) -> PacketBatch {
+        let Some(device) = &self.device else {
+            return batch;
+        };
+        if self.tun_backlog.load(Ordering::Acquire) != 0 {
+            return batch;
+        }
+        let mut left = PacketBatch::new();
+        for p in batch.drain() {
+            if !left.is_empty() || (!device.offload() && offload::is_envelope(&p)) {
+                left.push(p);
+                continue;
+            }
+            match device.try_send(&p) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => left.push(p),
+                Err(e) => {
+                    tracing::debug!(error = %e, "TUN write failed");
+                    self.drop_packet(Direction::Decap, DropReason::TunUnavailable);
+                }
+            }
+        }
+        left
+    }
+
+    /// Counts a batch handed to the TUN writer (until [`Hub::tun_written`]).
+    pub fn tun_queued(&self) {
+        self.tun_backlog.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The TUN writer has written a batch.
+    pub fn tun_written(&self) {
+        self.tun_backlog.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Lists a session for the status endpoint (until it unregisters).

@@ -176,6 +176,7 @@ pub async fn run(cfg: ServerConfig, shutdown: CancellationToken) -> Result<(), S
     }
     let hub = Arc::new(
         Hub::new(pool, cfg.vpn.subnet, cfg.vpn.server_ip, to_tun)
+            .with_device(tun.clone())
             .with_max_sessions_per_token(cfg.limits.max_sessions_per_token),
     );
     hub.limits()
@@ -361,6 +362,7 @@ async fn tun_writer(tun: TunDevice, mut rx: mpsc::Receiver<PacketBatch>, hub: Ar
                 }
             }
         }
+        hub.tun_written();
     }
 }
 

@@ -126,11 +126,14 @@ impl Service<PacketBatch> for HubRouter {
 
     fn call(&mut self, mut batch: PacketBatch) -> Self::Future {
         let to_tun = self.hub.route_from_client(&mut batch);
+        let to_tun = self.hub.write_to_tun(to_tun);
         if to_tun.is_empty() {
             self.to_tun.abort_send();
         } else {
             let n = to_tun.len() as u64;
+            self.hub.tun_queued();
             if self.to_tun.send_item(to_tun).is_err() {
+                self.hub.tun_written();
                 self.hub
                     .stats()
                     .record_drops(Direction::Decap, DropReason::TunUnavailable, n);

@@ -287,6 +287,23 @@ impl TunDevice {
         }
     }
 
+    /// Writes one packet (as [`TunDevice::send`]) without waiting: a device
+    /// that cannot take it now answers `WouldBlock`. On Linux a TUN device
+    /// takes a write at once, so the caller can skip a hop to a writer task.
+    pub fn try_send(&self, packet: &[u8]) -> io::Result<usize> {
+        match &self.dev {
+            #[cfg(target_os = "linux")]
+            Backend::Os(os) if self.offload => {
+                let (vnet, ip) = offload::to_device(packet).map_err(offload::invalid)?;
+                let bufs = [io::IoSlice::new(&vnet), io::IoSlice::new(ip)];
+                os.dev.try_send_vectored(&bufs)
+            }
+            Backend::Os(os) => os.dev.try_send(packet),
+            #[cfg(feature = "test-null-device")]
+            Backend::Null => Ok(packet.len()),
+        }
+    }
+
     fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         match &self.dev {
             Backend::Os(os) => os.dev.try_recv(buf),
