@@ -310,7 +310,7 @@ impl Connector {
                 let mut cfg = (**base).clone();
                 cfg.alpn_protocols = vec![alpn.to_vec()];
                 let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-                    .connect(name.clone(), tcp)
+                    .connect(name.clone(), crate::readahead::ReadAhead::new(tcp))
                     .await
                     .map_err(|source| TransportError::Tls {
                         peer: format!("{}:{}", self.host, self.port),

@@ -24,6 +24,7 @@ pub mod h2;
 pub mod listener;
 pub mod memory;
 pub mod raw;
+pub mod readahead;
 pub mod tls;
 pub mod ws;
 

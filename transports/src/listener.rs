@@ -32,6 +32,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::readahead::ReadAhead;
 use crate::{TransportError, TransportKind, Tunnel, TunnelInfo};
 
 type RespBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -307,13 +308,16 @@ async fn handle_tls(
     shared: &Arc<Shared>,
     handover: Handover,
 ) -> Result<(), TransportError> {
-    let tls = tokio::time::timeout(shared.cfg.handshake_timeout, acceptor.accept(stream))
-        .await
-        .map_err(|_| TransportError::Timeout("tls handshake"))?
-        .map_err(|source| TransportError::Tls {
-            peer: peer.to_string(),
-            source,
-        })?;
+    let tls = tokio::time::timeout(
+        shared.cfg.handshake_timeout,
+        acceptor.accept(ReadAhead::new(stream)),
+    )
+    .await
+    .map_err(|_| TransportError::Timeout("tls handshake"))?
+    .map_err(|source| TransportError::Tls {
+        peer: peer.to_string(),
+        source,
+    })?;
     if tls.get_ref().1.alpn_protocol() == Some(crate::raw::ALPN) {
         let tunnel = crate::raw::into_tunnel(
             tls,
