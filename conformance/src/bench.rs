@@ -36,9 +36,13 @@ pub struct BenchArgs {
     /// Runs per iperf3 figure (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Pings per round-trip figure (0.05 s apart; the median is reported).
+    /// Pings per round-trip figure (the median is reported).
     #[arg(long, default_value_t = 20)]
     pub pings: u32,
+    /// Seconds between pings. The default, 0.05, measures an idle lab, where
+    /// every process on the way must first wake up; 0.002 keeps them busy.
+    #[arg(long, default_value_t = 0.05)]
+    pub ping_interval: f64,
     /// Only these paths (comma-separated): underlay, tls, h2, wss, h2-nginx,
     /// wss-nginx, openvpn-udp, openvpn-tcp, softether.
     #[arg(long, value_delimiter = ',')]
@@ -267,6 +271,7 @@ struct Plan {
     secs: u32,
     runs: usize,
     pings: u32,
+    ping_interval: f64,
     streams: Vec<u32>,
     tck: f64,
 }
@@ -290,7 +295,7 @@ fn measure(
         let _ = s.lab.ping(&c0, dst, 1);
         let rtts = s
             .lab
-            .ping_rtts(&c0, dst, plan.pings, 0.05)
+            .ping_rtts(&c0, dst, plan.pings, plan.ping_interval)
             .with_context(|| format!("{}: ping {dst}", path.name()))?;
         values.push((Metric::Rtt { to_client }, median(rtts)));
     }
@@ -439,6 +444,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             secs: 1,
             runs: 1,
             pings: 3,
+            ping_interval: 0.05,
             streams: vec![1],
             tck: procstat::ticks_per_second(),
         }
@@ -447,6 +453,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             secs: args.secs.max(1),
             runs: args.runs.max(1),
             pings: args.pings.max(1),
+            ping_interval: args.ping_interval.max(0.002),
             streams: STREAMS.to_vec(),
             tck: procstat::ticks_per_second(),
         }
@@ -488,7 +495,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut intro = String::new();
     let _ = writeln!(
         intro,
-        "Sallyport end-to-end benchmark{}: iperf3 TCP {} s per run, median of {} run{}; ping {} × 0.05 s, median; \
+        "Sallyport end-to-end benchmark{}: iperf3 TCP {} s per run, median of {} run{}; ping {} × {} s, median; \
          CPU = utime+stime of the process trees over all iperf3 runs of that direction / GiB received; \
          each path in a fresh lab (server + 2 clients, veth underlay). Took {:.0?}.",
         if args.smoke { " (smoke)" } else { "" },
@@ -496,6 +503,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         plan.runs,
         if plan.runs == 1 { "" } else { "s" },
         plan.pings,
+        plan.ping_interval,
         started.elapsed(),
     );
     let _ = writeln!(
