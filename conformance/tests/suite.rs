@@ -187,11 +187,18 @@ async fn a_server_that_does_not_hold_addresses_fails_the_hold_checks() {
         no_address_hold: true,
         ..Faults::default()
     };
-    assert_fails_exactly(
-        faults,
-        &["address.held_after_close", "address.held_for_other_token"],
-    )
-    .await;
+    let report = mini(faults).await;
+    let failed = failed(&report);
+    let must = set(&["address.held_after_close", "address.held_for_other_token"]);
+    // A client_id coming back finds its old address only while no other
+    // check's session has taken it since: without a hold that is a race
+    // against the checks running alongside, so it may fail too.
+    let may = set(&["address.identity_lease"]);
+    assert!(
+        must.is_subset(&failed) && failed.difference(&must).all(|f| may.contains(f)),
+        "{faults:?}: failed {failed:?}"
+    );
+    assert_only_expected_skips(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
