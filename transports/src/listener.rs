@@ -355,7 +355,8 @@ where
     builder
         .http2()
         .initial_stream_window_size(crate::h2::STREAM_WINDOW)
-        .initial_connection_window_size(crate::h2::CONNECTION_WINDOW);
+        .initial_connection_window_size(crate::h2::CONNECTION_WINDOW)
+        .max_frame_size(crate::h2::MAX_FRAME);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let http_err = |e: Box<dyn std::error::Error + Send + Sync>| {
