@@ -6,7 +6,7 @@
 //! is the payload. Raw TLS uses exactly the same bytes, so one codec serves both
 //! and the HTTP/2 stream is a valid gRPC bidirectional stream.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::{Frame, TransportError};
@@ -30,18 +30,23 @@ impl FrameCodec {
     }
 }
 
-/// Appends one encoded frame to `dst`.
-pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
+/// A frame's prefix (gRPC prefix and kind byte) and its payload.
+pub fn frame_prefix(frame: Frame) -> ([u8; HEADER_LEN], Bytes) {
     let (kind, payload) = match frame {
         Frame::Control(b) => (KIND_CONTROL, b),
         Frame::Packet(b) => (KIND_PACKET, b),
     };
-    dst.reserve(HEADER_LEN + payload.len());
-    dst.put_u8(0);
     // Payloads are bounded by the transport's frame limit, far below 4 GiB.
-    dst.put_u32((payload.len() + 1) as u32);
-    dst.put_u8(kind);
-    dst.extend_from_slice(payload);
+    let [a, b, c, d] = ((payload.len() + 1) as u32).to_be_bytes();
+    ([0, a, b, c, d, kind], payload)
+}
+
+/// Appends one encoded frame to `dst`.
+pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) {
+    let (prefix, payload) = frame_prefix(frame.clone());
+    dst.reserve(HEADER_LEN + payload.len());
+    dst.extend_from_slice(&prefix);
+    dst.extend_from_slice(&payload);
 }
 
 impl Encoder<Frame> for FrameCodec {

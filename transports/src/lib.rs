@@ -26,6 +26,7 @@ pub mod memory;
 pub mod raw;
 pub mod readahead;
 pub mod tls;
+pub mod writer;
 pub mod ws;
 
 /// Frames coming in from the peer.

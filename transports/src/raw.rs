@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 
 use crate::connect::Connector;
 use crate::framing::FrameCodec;
+use crate::writer::FrameWriter;
 use crate::{Dial, TransportError, TransportKind, Tunnel, TunnelInfo};
 
 /// The ALPN protocol id of the raw transport.
@@ -22,9 +23,8 @@ where
 {
     let (r, w) = tokio::io::split(io);
     let codec = FrameCodec::new(max_frame);
-    let mut write = FramedWrite::new(w, codec);
-    // Batches are flushed explicitly; let the buffer grow to a batch's size.
-    write.set_backpressure_boundary(256 * 1024);
+    // Batches are flushed explicitly; let a batch's worth queue up.
+    let write = FrameWriter::new(w, max_frame, 256 * 1024);
     Tunnel {
         tx: Box::pin(write),
         rx: Box::pin(FramedRead::with_capacity(r, codec, 64 * 1024).fuse()),
