@@ -3,9 +3,10 @@
 //! rustls asks its transport for at most 4 KiB per read, so without a buffer a
 //! 64 KiB super-packet costs sixteen `recv` calls. [`ReadAhead`] takes
 //! whatever the socket holds, up to 64 KiB, in one call and serves rustls's
-//! small reads from memory. The buffer exists only while data flows: once
-//! everything read has been handed out and the socket has nothing more, it is
-//! freed, so an idle session keeps no 64 KiB for it.
+//! small reads from memory. Reads go straight to the caller until one fills
+//! the caller's buffer (the stream carries bulk data); and the buffer exists
+//! only while data flows: once the socket has nothing more it is freed.
+//! Handshakes and idle sessions hold none.
 
 use std::io;
 use std::pin::Pin;
@@ -24,6 +25,8 @@ pub struct ReadAhead<T> {
     inner: T,
     buf: BytesMut,
     size: usize,
+    /// A direct read has filled the caller's buffer: read ahead from now on.
+    busy: bool,
 }
 
 impl<T> ReadAhead<T> {
@@ -38,6 +41,7 @@ impl<T> ReadAhead<T> {
             inner,
             buf: BytesMut::new(),
             size: size.max(1),
+            busy: false,
         }
     }
 
@@ -67,8 +71,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         if this.buf.is_empty() {
             // A caller asking for as much as a read-ahead gains nothing from
             // the copy.
-            if dst.remaining() >= this.size {
-                return Pin::new(&mut this.inner).poll_read(cx, dst);
+            if !this.busy || dst.remaining() >= this.size {
+                let room = dst.remaining();
+                let before = dst.filled().len();
+                let r = Pin::new(&mut this.inner).poll_read(cx, dst);
+                this.busy |=
+                    matches!(r, Poll::Ready(Ok(()))) && dst.filled().len() - before == room;
+                return r;
             }
             if this.buf.capacity() < this.size {
                 this.buf.reserve(this.size);
@@ -166,8 +175,8 @@ mod tests {
         }
         assert_eq!(got, data, "bytes arrive whole and in order");
         assert_eq!(
-            r.inner.reads, 2,
-            "100 000 bytes in two 64 KiB reads, not 25"
+            r.inner.reads, 3,
+            "100 000 bytes in one 4 KiB read (which shows more is waiting) and two of 64 KiB, not 25"
         );
         assert_eq!(r.buffered(), 0);
 
@@ -180,6 +189,22 @@ mod tests {
         let n = r.read(&mut chunk).await.expect("read");
         assert_eq!(&chunk[..n], b"more");
         assert_eq!(r.read(&mut chunk).await.expect("eof"), 0, "end of stream");
+    }
+
+    #[tokio::test]
+    async fn short_reads_such_as_a_handshake_allocate_nothing() {
+        let (mut far, near) = tokio::io::duplex(1024);
+        let mut r = ReadAhead::new(near);
+        let mut chunk = [0u8; 4096];
+        for msg in [&b"client hello"[..], b"finished", b"ping"] {
+            far.write_all(msg).await.expect("write");
+            let n = r.read(&mut chunk).await.expect("read");
+            assert_eq!(&chunk[..n], msg);
+            assert!(
+                !r.holds_buffer(),
+                "a read shorter than asked allocates nothing"
+            );
+        }
     }
 
     #[tokio::test]
