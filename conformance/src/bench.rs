@@ -123,6 +123,7 @@ enum Metric {
     Tput { to_client: bool, streams: u32 },
     Rtt { to_client: bool },
     CpuPerGib { server: bool, to_client: bool },
+    MachinePerGib { to_client: bool },
     RssIdle,
     HwmAfter,
 }
@@ -141,6 +142,9 @@ impl Metric {
             for to_client in [false, true] {
                 v.push(Metric::CpuPerGib { server, to_client });
             }
+        }
+        for to_client in [false, true] {
+            v.push(Metric::MachinePerGib { to_client });
         }
         v.push(Metric::RssIdle);
         v.push(Metric::HwmAfter);
@@ -163,6 +167,9 @@ impl Metric {
                 if server { "server" } else { "clients" },
                 dir(to_client)
             ),
+            Metric::MachinePerGib { to_client } => {
+                format!("machine CPU s/GiB {}", dir(to_client))
+            }
             Metric::RssIdle => "server VmRSS MiB, 2 clients idle".into(),
             Metric::HwmAfter => "server VmHWM MiB after load".into(),
         }
@@ -172,7 +179,7 @@ impl Metric {
         match self {
             Metric::Tput { .. } => format!("{v:.0}"),
             Metric::Rtt { .. } => format!("{v:.3}"),
-            Metric::CpuPerGib { .. } => format!("{v:.2}"),
+            Metric::CpuPerGib { .. } | Metric::MachinePerGib { .. } => format!("{v:.2}"),
             Metric::RssIdle | Metric::HwmAfter => format!("{v:.1}"),
         }
     }
@@ -300,13 +307,14 @@ fn measure(
         values.push((Metric::Rtt { to_client }, median(rtts)));
     }
     for (to_client, to_ns, dst) in [(false, &srv, s.server_addr), (true, &c1, s.peer_addr)] {
-        let (mut cpu_srv, mut cpu_cli, mut bytes) = (0.0, 0.0, 0u64);
+        let (mut cpu_srv, mut cpu_cli, mut cpu_all, mut bytes) = (0.0, 0.0, 0.0, 0u64);
         for &streams in &plan.streams {
             let mut v = Vec::new();
             for _ in 0..plan.runs {
                 let before = (
                     procstat::cpu_seconds(&s.server_pids, plan.tck),
                     procstat::cpu_seconds(&s.client_pids, plan.tck),
+                    procstat::machine_busy_seconds(plan.tck),
                 );
                 let r = s
                     .lab
@@ -316,10 +324,17 @@ fn measure(
                     })?;
                 cpu_srv += procstat::cpu_seconds(&s.server_pids, plan.tck) - before.0;
                 cpu_cli += procstat::cpu_seconds(&s.client_pids, plan.tck) - before.1;
+                cpu_all += procstat::machine_busy_seconds(plan.tck) - before.2;
                 bytes += r.bytes;
                 v.push(r.bits_per_second / 1e6);
             }
             values.push((Metric::Tput { to_client, streams }, median(v)));
+        }
+        if bytes > 0 {
+            values.push((
+                Metric::MachinePerGib { to_client },
+                cpu_all / (bytes as f64 / GIB),
+            ));
         }
         if has_procs && bytes > 0 {
             let gib = bytes as f64 / GIB;
@@ -389,6 +404,98 @@ fn table(results: &[PathResult]) -> Vec<[String; 5]> {
         }
     }
     rows
+}
+
+/// CPU seconds to open and seal one GiB as TLS 1.3 records of 16 KiB with
+/// AES-256-GCM (what rustls negotiates first, through aws-lc-rs): the crypto
+/// the hub adds to every byte from one client to another. Best of 3 rounds.
+fn aead_pair_seconds_per_gib() -> f64 {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).expect("32-byte key"));
+    let mut record = vec![0u8; 16 * 1024];
+    let rounds = 4096u64; // 64 MiB each way per round
+    let mut best = f64::INFINITY;
+    for round in 0..3u64 {
+        let t = Instant::now();
+        for i in 0..rounds {
+            let n = round * rounds + i;
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&n.to_be_bytes());
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::empty(),
+                    &mut record,
+                )
+                .expect("seal");
+            record.extend_from_slice(tag.as_ref());
+            let plain = key
+                .open_in_place(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::empty(),
+                    &mut record,
+                )
+                .expect("open what was sealed")
+                .len();
+            record.truncate(plain);
+        }
+        let gib = (rounds * record.len() as u64) as f64 / GIB;
+        best = best.min(t.elapsed().as_secs_f64() / gib);
+    }
+    best
+}
+
+/// How far client → client can come to client → server on this machine,
+/// for the paths that carry TLS over TCP through a hub (Sallyport's). A byte
+/// from one client to another costs what it costs to the server, plus what
+/// the hub adds: one TLS open and one seal and one more TCP hop (the server
+/// sends, the other client receives); the TUN write and the receiving
+/// kernel's work are on both ways. With the CPU as the limit (as it is on a
+/// small machine), the ratio is at most c→server / (c→server + that hop).
+/// The hop's TCP cost is the underlay's machine CPU per GiB (a TCP flow over
+/// veth, both ends' copies included).
+fn ceilings(results: &[PathResult], aead_pair: f64) -> String {
+    let mut out = String::new();
+    let Some(hop) = results
+        .iter()
+        .find(|r| r.path == Path::Underlay)
+        .and_then(|u| u.get(Metric::MachinePerGib { to_client: false }))
+    else {
+        return out;
+    };
+    let floor = aead_pair + hop;
+    let _ = writeln!(
+        out,
+        "c→client ceiling (CPU-bound): the hub adds to each byte an AES-256-GCM open + seal \
+         ({aead_pair:.2} s/GiB, 16 KiB records, this CPU) and a TCP hop ({hop:.2} s/GiB, the \
+         underlay's machine CPU): {floor:.2} s/GiB at least; ceiling = c→server / (c→server + {floor:.2})"
+    );
+    for r in results {
+        let Path::Sallyport { .. } = r.path else {
+            continue;
+        };
+        let fig = |to_client| {
+            r.get(Metric::Tput {
+                to_client,
+                streams: 1,
+            })
+        };
+        let (Some(cs), Some(cc), Some(machine)) = (
+            fig(false),
+            fig(true),
+            r.get(Metric::MachinePerGib { to_client: false }),
+        ) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "  {:<26} c→server {machine:.2} machine s/GiB: ceiling {:.2}, measured {:.2} (1 stream)",
+            r.path.label(),
+            machine / (machine + floor),
+            cc / cs,
+        );
+    }
+    out
 }
 
 const HEADER: [&str; 5] = ["figure", "path", "value", "× underlay", "× openvpn-udp"];
@@ -523,10 +630,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         ]),
     );
     let rows = table(&results);
+    let ceiling = ceilings(&results, aead_pair_seconds_per_gib());
     println!("{intro}");
     print!("{}", print_text(&rows));
+    if !ceiling.is_empty() {
+        print!("\n{ceiling}");
+    }
     if let Some(file) = &args.markdown {
-        let text = format!("{}\n{}", intro.replace('\n', "\n\n"), markdown(&rows));
+        let text = format!(
+            "{}\n{}\n{}",
+            intro.replace('\n', "\n\n"),
+            markdown(&rows),
+            ceiling.replace("\n  ", "\n- ")
+        );
         std::fs::write(file, text).with_context(|| format!("write {}", file.display()))?;
         println!("\nmarkdown written to {}", file.display());
     }
@@ -585,6 +701,43 @@ mod tests {
         // The figure's name is on its first row only.
         assert_eq!(rows.iter().filter(|r| r[0] == m.label()).count(), 1);
         assert!(markdown(&rows).lines().count() == rows.len() + 2);
+    }
+
+    #[test]
+    fn the_ceiling_adds_the_hub_hop_to_the_client_to_server_cost() {
+        let tput = |to_client| Metric::Tput {
+            to_client,
+            streams: 1,
+        };
+        let machine = Metric::MachinePerGib { to_client: false };
+        let results = vec![
+            PathResult {
+                path: Path::Underlay,
+                values: vec![(machine, 0.5)],
+            },
+            PathResult {
+                path: Path::Sallyport {
+                    mode: "tls",
+                    nginx: false,
+                },
+                values: vec![(tput(false), 4000.0), (tput(true), 2000.0), (machine, 3.0)],
+            },
+            PathResult {
+                path: Path::OpenVpn(OpenVpnProto::Udp),
+                values: vec![(tput(false), 400.0), (tput(true), 300.0), (machine, 9.0)],
+            },
+        ];
+        let text = ceilings(&results, 0.5);
+        // 3 / (3 + 0.5 + 0.5)
+        assert!(text.contains("ceiling 0.75, measured 0.50"), "{text}");
+        assert!(!text.contains("openvpn"), "only hub-over-TLS paths: {text}");
+        assert_eq!(ceilings(&results[1..], 0.5), "", "no underlay, no floor");
+    }
+
+    #[test]
+    fn sealing_and_opening_a_gib_takes_measurable_time() {
+        let s = aead_pair_seconds_per_gib();
+        assert!(s > 0.0 && s.is_finite(), "{s}");
     }
 
     #[test]

@@ -63,6 +63,30 @@ pub fn cpu_seconds(pids: &[u32], ticks_per_second: f64) -> f64 {
     ticks as f64 / ticks_per_second
 }
 
+/// CPU seconds the whole machine has been busy (all cores: user, nice,
+/// system, irq, softirq and steal from the first line of `/proc/stat`). It
+/// counts what no process tree shows: iperf3, the kernel's softirq work for
+/// other processes, and the underlay itself.
+pub fn machine_busy_seconds(ticks_per_second: f64) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    busy_ticks(stat.lines().next().unwrap_or("")) as f64 / ticks_per_second
+}
+
+/// Busy ticks of a `cpu ...` line of `/proc/stat`: every field but idle and
+/// iowait, and not guest time (already in user).
+fn busy_ticks(line: &str) -> u64 {
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| f.get(i).copied().unwrap_or(0))
+        .sum()
+}
+
 /// Resident memory of the trees of `pids`: (VmRSS, VmHWM) summed, in KiB.
 pub fn memory_kib(pids: &[u32]) -> (u64, u64) {
     let (mut rss, mut hwm) = (0, 0);
@@ -113,6 +137,14 @@ mod tests {
         assert!(cpu_seconds(&[me], ticks_per_second()) > 0.0);
         let (rss, hwm) = memory_kib(&[me]);
         assert!(rss > 0 && hwm >= rss, "rss {rss} hwm {hwm}");
+    }
+
+    #[test]
+    fn busy_ticks_leave_out_idle_iowait_and_guest() {
+        let line = "cpu  100 2 30 5000 40 5 6 7 50 1";
+        assert_eq!(busy_ticks(line), 100 + 2 + 30 + 5 + 6 + 7);
+        assert_eq!(busy_ticks("cpu  1 2 3"), 6, "old kernels have fewer fields");
+        assert!(machine_busy_seconds(ticks_per_second()) > 0.0);
     }
 
     #[test]
