@@ -16,6 +16,8 @@ have tinyproxy || need+=(tinyproxy)
 have curl      || need+=(curl)
 # The benchmark's baselines (benches/e2e): OpenVPN 2.6 and SoftEther VPN 5.
 have openvpn   || need+=(openvpn)
+# The round-trip floor (benches/rtt-floor.sh): a TUN-over-TLS relay in C.
+have socat     || need+=(socat)
 [ -x /usr/libexec/softether/vpnserver/vpnserver ] || need+=(softether-vpnserver)
 [ -x /usr/libexec/softether/vpnclient/vpnclient ] || need+=(softether-vpnclient)
 [ -x /usr/libexec/softether/vpncmd/vpncmd ]       || need+=(softether-vpncmd)
