@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use sallyport_core::message::{Control, Token};
 use sallyport_core::Frame;
-use sallyport_transports::framing::{encode_frame, FrameCodec};
+use sallyport_transports::framing::{encode_frame, ChunkDecoder, FrameCodec};
 use sallyport_transports::{TransportKind, TunnelInfo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -111,6 +111,33 @@ pub fn framing_stream(data: &[u8]) {
     if !failed {
         assert_eq!(buf.len(), whole_buf.len(), "different bytes left over");
     }
+
+    // The HTTP/2 body's decoder, given the same chunks, agrees.
+    let mut h2 = ChunkDecoder::new(MAX_FRAME);
+    let (mut h2_frames, mut h2_failed, mut at) = (Vec::new(), false, 0);
+    'feed: for size in sizes.iter().cycle() {
+        if at >= stream.len() {
+            break;
+        }
+        let end = (at + size).min(stream.len());
+        h2.push(Bytes::copy_from_slice(&stream[at..end]));
+        at = end;
+        loop {
+            match h2.next_frame() {
+                Ok(Some(f)) => h2_frames.push(f),
+                Ok(None) => break,
+                Err(_) => {
+                    h2_failed = true;
+                    break 'feed;
+                }
+            }
+        }
+    }
+    assert_eq!(h2_frames, whole, "chunk decoding gives other frames");
+    assert_eq!(
+        h2_failed, whole_failed,
+        "chunk decoding gives another verdict"
+    );
     let wire = encode_all(&chunked);
     assert_eq!(&wire[..], &stream[..wire.len()], "re-encoding differs");
 }

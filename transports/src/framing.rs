@@ -65,11 +65,11 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
-impl Decoder for FrameCodec {
-    type Item = Frame;
-    type Error = TransportError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
+impl FrameCodec {
+    /// The length of the message (kind byte and payload) whose prefix starts
+    /// `src`, once the 5 prefix bytes are there; refuses what no peer of ours
+    /// sends.
+    fn message_len(&self, src: &[u8]) -> Result<Option<usize>, TransportError> {
         if src.len() < 5 {
             return Ok(None);
         }
@@ -89,22 +89,127 @@ impl Decoder for FrameCodec {
                 limit: self.max_payload,
             });
         }
+        Ok(Some(len))
+    }
+
+    /// How many more bytes the frame that starts `src` needs (the rest of
+    /// its prefix first); 0 when it is whole.
+    pub fn missing(&self, src: &[u8]) -> Result<usize, TransportError> {
+        Ok(match self.message_len(src)? {
+            None => 5 - src.len(),
+            Some(len) => (5 + len).saturating_sub(src.len()),
+        })
+    }
+
+    /// Decodes the frame at the front of `src` without copying it: the
+    /// payload is a slice of `src`'s buffer. `None` while it is not whole.
+    pub fn decode_bytes(&self, src: &mut Bytes) -> Result<Option<Frame>, TransportError> {
+        let Some(len) = self.message_len(src)? else {
+            return Ok(None);
+        };
+        if src.len() < 5 + len {
+            return Ok(None);
+        }
+        src.advance(5);
+        frame_from(src.split_to(len)).map(Some)
+    }
+}
+
+/// A frame from its message: the kind byte, then the payload.
+fn frame_from(mut msg: Bytes) -> Result<Frame, TransportError> {
+    let kind = msg[0];
+    msg.advance(1);
+    match kind {
+        KIND_CONTROL => Ok(Frame::Control(msg)),
+        KIND_PACKET => Ok(Frame::Packet(msg)),
+        k => Err(TransportError::Protocol(format!(
+            "unknown frame kind {k:#04x}"
+        ))),
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = TransportError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
+        let Some(len) = self.message_len(src)? else {
+            return Ok(None);
+        };
         if src.len() < 5 + len {
             src.reserve(5 + len - src.len());
             return Ok(None);
         }
         src.advance(5);
-        let mut msg = src.split_to(len);
-        let kind = msg[0];
-        msg.advance(1);
-        let payload: Bytes = msg.freeze();
-        match kind {
-            KIND_CONTROL => Ok(Some(Frame::Control(payload))),
-            KIND_PACKET => Ok(Some(Frame::Packet(payload))),
-            k => Err(TransportError::Protocol(format!(
-                "unknown frame kind {k:#04x}"
-            ))),
+        frame_from(src.split_to(len).freeze()).map(Some)
+    }
+}
+
+/// Decodes frames from a stream that arrives in chunks (HTTP/2 DATA frames):
+/// frames whole inside a chunk are sliced out of it without a copy; only a
+/// frame split across chunks is put together in a buffer of its own.
+#[derive(Debug)]
+pub struct ChunkDecoder {
+    codec: FrameCodec,
+    /// The start of a frame that the chunks so far did not complete.
+    partial: BytesMut,
+    /// What is left of the latest chunk.
+    chunk: Bytes,
+}
+
+impl ChunkDecoder {
+    /// A decoder for frames of at most `max_payload` bytes.
+    pub fn new(max_payload: usize) -> Self {
+        Self {
+            codec: FrameCodec::new(max_payload),
+            partial: BytesMut::new(),
+            chunk: Bytes::new(),
         }
+    }
+
+    /// Takes the next chunk; call only once [`ChunkDecoder::next_frame`]
+    /// has answered `None`.
+    pub fn push(&mut self, chunk: Bytes) {
+        debug_assert!(self.chunk.is_empty(), "the previous chunk is decoded");
+        self.chunk = chunk;
+    }
+
+    /// The next whole frame, or `None` until another chunk is pushed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
+        loop {
+            if !self.partial.is_empty() {
+                if let Some(f) = self.codec.decode(&mut self.partial)? {
+                    return Ok(Some(f));
+                }
+                if self.chunk.is_empty() {
+                    return Ok(None);
+                }
+                // Copy over only what completes this frame (or its prefix).
+                let n = self.codec.missing(&self.partial)?.min(self.chunk.len());
+                self.partial.extend_from_slice(&self.chunk.split_to(n));
+                continue;
+            }
+            if self.chunk.is_empty() {
+                return Ok(None);
+            }
+            if let Some(f) = self.codec.decode_bytes(&mut self.chunk)? {
+                return Ok(Some(f));
+            }
+            // A frame that goes on in the next chunk.
+            self.partial.extend_from_slice(&self.chunk);
+            self.chunk.clear();
+        }
+    }
+
+    /// Whether bytes of an unfinished frame are held.
+    pub fn has_partial(&self) -> bool {
+        !self.partial.is_empty() || !self.chunk.is_empty()
+    }
+
+    /// Forgets everything held (after an error).
+    pub fn clear(&mut self) {
+        self.partial.clear();
+        self.chunk.clear();
     }
 }
 
@@ -145,16 +250,69 @@ mod tests {
         assert!(codec.decode(&mut ok).expect("within the limit").is_none());
     }
 
-    #[test]
-    fn control_and_packet_round_trip_in_any_chunking() {
-        let frames = vec![
+    /// A control message, packets of several sizes and an empty one.
+    fn sample_frames() -> Vec<Frame> {
+        vec![
             Frame::Control(Bytes::from_static(br#"{"type":"ping"}"#)),
             Frame::Packet(Bytes::from(vec![0x45; 1420])),
             Frame::Packet(Bytes::from_static(b"")),
-        ];
+            Frame::Packet(Bytes::from(vec![0x46; 3000])),
+        ]
+    }
+
+    #[test]
+    fn control_and_packet_round_trip_in_any_chunking() {
+        let frames = sample_frames();
         for chunk in [1, 2, 5, 6, 7, 100, 5000] {
             assert_eq!(roundtrip(&frames, chunk), frames, "chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn chunk_decoder_gives_the_same_frames_in_any_chunking_and_slices_whole_ones() {
+        let frames = sample_frames();
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            encode_frame(f, &mut wire);
+        }
+        let wire = wire.freeze();
+        for chunk in [1, 2, 5, 6, 7, 100, 1500, 5000] {
+            let mut d = ChunkDecoder::new(70_000);
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                d.push(wire.slice_ref(piece));
+                while let Some(f) = d.next_frame().expect("decode") {
+                    got.push(f);
+                }
+            }
+            assert_eq!(got, frames, "chunk {chunk}");
+            assert!(!d.has_partial(), "chunk {chunk}: nothing left over");
+        }
+        // In one chunk, every payload points into the chunk itself.
+        let mut d = ChunkDecoder::new(70_000);
+        d.push(wire.clone());
+        let range = wire.as_ptr_range();
+        while let Some(f) = d.next_frame().expect("decode") {
+            let p = match &f {
+                Frame::Control(b) | Frame::Packet(b) => b.as_ptr(),
+            };
+            assert!(range.contains(&p) || range.end == p, "a copy: {f:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_decoder_refuses_what_the_codec_refuses() {
+        let mut d = ChunkDecoder::new(100);
+        d.push(Bytes::from_static(&[0, 0, 0, 0, 102]));
+        assert!(d
+            .next_frame()
+            .expect_err("over the limit")
+            .is_frame_too_large());
+        let mut d = ChunkDecoder::new(100);
+        d.push(Bytes::from_static(&[0, 0]));
+        assert!(d.next_frame().expect("partial").is_none());
+        d.push(Bytes::from_static(&[0, 0, 2, 9, 0]));
+        assert!(d.next_frame().is_err(), "unknown kind across chunks");
     }
 
     #[test]

@@ -19,11 +19,10 @@ use http_body_util::StreamBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
-use tokio_util::codec::Decoder;
 use tokio_util::sync::PollSender;
 
 use crate::connect::Connector;
-use crate::framing::{encode_frame, FrameCodec};
+use crate::framing::{encode_frame, ChunkDecoder};
 use crate::{Dial, Frame, ReceiverStream, TransportError, TransportKind, Tunnel, TunnelInfo};
 
 /// The content type of a gRPC request and response.
@@ -151,11 +150,11 @@ impl Sink<Frame> for BodySink {
     }
 }
 
-/// Decodes frames from a received body.
+/// Decodes frames from a received body; frames whole inside a DATA frame
+/// are not copied ([`ChunkDecoder`]).
 struct BodyStream<B> {
     body: B,
-    buf: BytesMut,
-    codec: FrameCodec,
+    frames: ChunkDecoder,
     done: bool,
 }
 
@@ -163,8 +162,7 @@ impl<B> BodyStream<B> {
     fn new(body: B, max_frame: usize) -> Self {
         Self {
             body,
-            buf: BytesMut::new(),
-            codec: FrameCodec::new(max_frame),
+            frames: ChunkDecoder::new(max_frame),
             done: false,
         }
     }
@@ -180,18 +178,18 @@ where
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            match this.codec.decode(&mut this.buf) {
+            match this.frames.next_frame() {
                 Ok(Some(f)) => return Poll::Ready(Some(Ok(f))),
                 Ok(None) => {}
                 Err(e) => {
                     this.done = true;
-                    this.buf.clear();
+                    this.frames.clear();
                     return Poll::Ready(Some(Err(e)));
                 }
             }
             if this.done {
-                if !this.buf.is_empty() {
-                    this.buf.clear();
+                if this.frames.has_partial() {
+                    this.frames.clear();
                     return Poll::Ready(Some(Err(TransportError::Protocol(
                         "stream ended inside a frame".into(),
                     ))));
@@ -205,7 +203,7 @@ where
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.buf.extend_from_slice(&data),
+                    Ok(data) => this.frames.push(data),
                     Err(frame) => {
                         if let Some(status) = frame
                             .trailers_ref()
