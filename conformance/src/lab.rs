@@ -51,6 +51,19 @@ struct Proc {
     exited: Option<std::process::ExitStatus>,
 }
 
+impl Proc {
+    /// Ends the process and what it started, by PID, children first: a
+    /// wrapper such as `timeout` does not pass SIGKILL on, and an orphaned
+    /// iperf3 whose namespace is gone spins on a core.
+    fn end(&mut self) {
+        if self.exited.is_none() {
+            crate::procstat::kill_descendants(self.child.id());
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+}
+
 /// The lab. See the module docs.
 pub struct Lab {
     prefix: String,
@@ -518,11 +531,7 @@ impl Lab {
 
     /// Kills the process with SIGKILL and reaps it.
     pub fn kill(&mut self, id: ProcId) {
-        let p = &mut self.procs[id.0];
-        if p.exited.is_none() {
-            let _ = p.child.kill();
-            p.exited = p.child.wait().ok();
-        }
+        self.procs[id.0].end();
     }
 
     /// Everything the process has logged so far.
@@ -994,10 +1003,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for p in &mut self.procs {
-            if p.exited.is_none() {
-                let _ = p.child.kill();
-                let _ = p.child.wait();
-            }
+            p.end();
         }
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
