@@ -529,7 +529,8 @@ impl Lab {
         }
     }
 
-    /// Kills the process with SIGKILL and reaps it.
+    /// Kills the process and what it started with SIGKILL, by PID, and reaps
+    /// it.
     pub fn kill(&mut self, id: ProcId) {
         self.procs[id.0].end();
     }
